@@ -1,0 +1,10 @@
+"""jaxconv: convolution and pooling for JAX with PyTorch-exact semantics."""
+
+from jaxconv._src.arithmetic import conv_output_size, conv_transpose_output_size
+
+__all__ = [
+    "conv_output_size",
+    "conv_transpose_output_size",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""Output sizes and padding resolution, per spatial axis.
+
+The seed's formula ``O = floor((I + 2P - K) / S) + 1`` generalised to asymmetric padding
+``(lo, hi)``, dilation ``d`` and ceil mode (PyTorch's ``aten/src/ATen/native/Pool.h``)::
+
+    O = floor((I + lo + hi - d*(K-1) - 1 + (S-1 if ceil else 0)) / S) + 1
+    if ceil and (O-1)*S >= I + lo: O -= 1     # the last window must start inside the input
+"""
+
+from collections.abc import Sequence
+
+from jaxconv._src.args import is_int, per_axis
+
+PADDING_STRINGS = ("VALID", "SAME", "FULL")
+
+
+def _is_pair(value) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(is_int(v) for v in value)
+    )
+
+
+def _string_padding(fname, padding, in_sizes, kernel, stride, dilation, allowed):
+    mode = padding.upper()
+    if mode not in allowed:
+        raise ValueError(f"{fname}: `padding` must be one of {allowed} as a string, got {padding!r}.")
+    if mode == "VALID":
+        return ((0, 0),) * len(kernel)
+    if mode == "FULL":
+        return tuple((d * (k - 1),) * 2 for k, d in zip(kernel, dilation, strict=True))
+    if in_sizes is None:
+        raise ValueError(f"{fname}: `padding='SAME'` needs the input size.")
+    pads = []
+    for i, k, s, d in zip(in_sizes, kernel, stride, dilation, strict=True):
+        out = -(-i // s)
+        total = max((out - 1) * s + d * (k - 1) + 1 - i, 0)
+        pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+
+
+def resolve_padding(
+    fname: str,
+    padding,
+    n: int,
+    *,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    in_sizes: tuple[int, ...] | None = None,
+    allowed: tuple[str, ...] = ("VALID", "SAME"),
+) -> tuple[tuple[int, int], ...]:
+    """Any accepted form of ``padding`` as ``n`` explicit ``(lo, hi)`` pairs of ints >= 0.
+
+    Accepted: an int, ``n`` ints (symmetric per axis), ``n`` ``(lo, hi)`` pairs, or a string in
+    ``allowed`` ("VALID", "SAME": lax semantics with the odd element high; "FULL": ``d*(k-1)`` both
+    sides).
+    """
+    if isinstance(padding, str):
+        return _string_padding(fname, padding, in_sizes, kernel, stride, dilation, allowed)
+    if isinstance(padding, Sequence) and padding and all(_is_pair(p) for p in padding):
+        if len(padding) != n:
+            raise ValueError(
+                f"{fname}: `padding` as (lo, hi) pairs needs {n} pairs (one per spatial axis), "
+                f"got {padding!r}."
+            )
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if any(lo < 0 or hi < 0 for lo, hi in pads):
+            raise ValueError(f"{fname}: `padding` must be >= 0, got {padding!r}.")
+        return pads
+    if not is_int(padding) and not (
+        isinstance(padding, Sequence) and all(is_int(p) for p in padding)
+    ):
+        raise TypeError(
+            f"{fname}: `padding` must be an int, {n} ints, {n} (lo, hi) pairs or one of "
+            f"{allowed}, got {padding!r}."
+        )
+    return tuple((p, p) for p in per_axis(fname, "padding", padding, n, minimum=0))
+
+
+def pool_output_size_1d(fname, in_size, kernel, stride, pad, dilation, ceil_mode) -> int:
+    """Output length along one axis; raises if the window does not fit the padded input."""
+    lo, hi = pad
+    span = dilation * (kernel - 1) + 1
+    room = in_size + lo + hi - span
+    if room < 0:
+        raise ValueError(
+            f"{fname}: the window (kernel {kernel}, dilation {dilation}, span {span}) is larger "
+            f"than the padded input ({in_size} + padding {lo} + {hi} = {in_size + lo + hi}) "
+            "on some spatial axis."
+        )
+    out = (room + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= in_size + lo:
+        out -= 1
+    return out
+
+
+def _rank(values) -> int | None:
+    """The number of spatial axes implied by a list of arguments (None: all scalar)."""
+    for v in values:
+        if isinstance(v, Sequence) and not isinstance(v, str):
+            return len(v)
+    return None
+
+
+def conv_output_size(size, kernel, stride=1, padding=0, dilation=1, ceil_mode=False):
+    """Output size of a convolution or pooling window along each spatial axis.
+
+    ``O = floor((I + lo + hi - d*(K-1) - 1 + (S-1 if ceil_mode else 0)) / S) + 1``; in ceil mode
+    the last window must start inside the input or the left padding (PyTorch's rule).
+
+    Args:
+      size: input size ``I``, an int or one per spatial axis.
+      kernel: kernel size ``K``, int or per axis.
+      stride: ``S``, int or per axis.
+      padding: int, per-axis ints, per-axis ``(lo, hi)`` pairs, or "VALID" / "SAME" / "FULL".
+      dilation: ``d``, int or per axis.
+      ceil_mode: round the division up instead of down.
+
+    Returns:
+      An int when every argument is scalar, else a tuple with one size per spatial axis.
+
+    Example:
+      >>> conv_output_size(5, 3)
+      3
+      >>> conv_output_size((224, 224), 3, stride=2, padding=1)
+      (112, 112)
+    """
+    fname = "conv_output_size"
+    n = _rank([size, kernel, stride, dilation, padding])
+    scalar = n is None
+    n = n or 1
+    if scalar and not is_int(padding) and not isinstance(padding, str):
+        raise TypeError(f"{fname}: `padding` must be an int or a string, got {padding!r}.")
+    sizes = per_axis(fname, "size", size, n, minimum=1)
+    k = per_axis(fname, "kernel", kernel, n)
+    s = per_axis(fname, "stride", stride, n)
+    d = per_axis(fname, "dilation", dilation, n)
+    pads = resolve_padding(
+        fname, padding, n, kernel=k, stride=s, dilation=d, in_sizes=sizes, allowed=PADDING_STRINGS
+    )
+    out = tuple(
+        pool_output_size_1d(fname, *a, bool(ceil_mode))
+        for a in zip(sizes, k, s, pads, d, strict=True)
+    )
+    return out[0] if scalar else out
+
+
+def conv_transpose_output_size(
+    size, kernel, stride=1, padding=0, output_padding=0, dilation=1
+):
+    """Output size of a transposed convolution along each spatial axis.
+
+    ``O = (I - 1)*S - lo - hi + d*(K - 1) + output_padding + 1``, the input size of the
+    convolution whose adjoint it is. ``output_padding`` must be smaller than the stride or the
+    dilation (PyTorch's rule).
+
+    Example:
+      >>> conv_transpose_output_size(3, 3)
+      5
+      >>> conv_transpose_output_size((4, 4), 3, stride=2, padding=1, output_padding=1)
+      (8, 8)
+    """
+    fname = "conv_transpose_output_size"
+    n = _rank([size, kernel, stride, dilation, output_padding, padding])
+    scalar = n is None
+    n = n or 1
+    sizes = per_axis(fname, "size", size, n, minimum=1)
+    k = per_axis(fname, "kernel", kernel, n)
+    s = per_axis(fname, "stride", stride, n)
+    d = per_axis(fname, "dilation", dilation, n)
+    op = per_axis(fname, "output_padding", output_padding, n, minimum=0)
+    pads = resolve_padding(fname, padding, n, kernel=k, stride=s, dilation=d, allowed=("VALID",))
+    out = transpose_sizes(fname, sizes, k, s, pads, op, d)
+    return out[0] if scalar else out
+
+
+def transpose_sizes(fname, sizes, kernel, stride, pads, output_padding, dilation):
+    """Per-axis transposed-convolution output sizes, validated."""
+    out = []
+    for i, k, s, (lo, hi), op, d in zip(
+        sizes, kernel, stride, pads, output_padding, dilation, strict=True
+    ):
+        if op >= s and op >= d:
+            raise ValueError(
+                f"{fname}: `output_padding` must be smaller than the stride or the dilation, "
+                f"got output_padding={op} with stride={s} and dilation={d}."
+            )
+        o = (i - 1) * s - lo - hi + d * (k - 1) + op + 1
+        if o < 1:
+            raise ValueError(
+                f"{fname}: the output size would be {o} (input {i}, kernel {k}, stride {s}, "
+                f"padding ({lo}, {hi}), dilation {d}); the padding is too large."
+            )
+        out.append(o)
+    return tuple(out)
