@@ -73,7 +73,9 @@ def layout_axes(fname: str, ndim: int, n: int, data_format: str) -> tuple[tuple[
     """
     check_data_format(fname, data_format)
     if ndim < n + 1:
-        layout = "(*batch, *spatial, C)" if data_format == "channels_last" else "(*batch, C, *spatial)"
+        layout = "(*batch, *spatial, C)"
+        if data_format == "channels_first":
+            layout = "(*batch, C, *spatial)"
         raise ValueError(
             f"{fname}: `x` must have at least {n + 1} axes, {layout} with {n} spatial axes, "
             f"got an array with {ndim} axes."

@@ -26,7 +26,9 @@ def _is_pair(value) -> bool:
 def _string_padding(fname, padding, in_sizes, kernel, stride, dilation, allowed):
     mode = padding.upper()
     if mode not in allowed:
-        raise ValueError(f"{fname}: `padding` must be one of {allowed} as a string, got {padding!r}.")
+        raise ValueError(
+            f"{fname}: `padding` as a string must be one of {allowed}, got {padding!r}."
+        )
     if mode == "VALID":
         return ((0, 0),) * len(kernel)
     if mode == "FULL":
@@ -148,9 +150,7 @@ def conv_output_size(size, kernel, stride=1, padding=0, dilation=1, ceil_mode=Fa
     return out[0] if scalar else out
 
 
-def conv_transpose_output_size(
-    size, kernel, stride=1, padding=0, output_padding=0, dilation=1
-):
+def conv_transpose_output_size(size, kernel, stride=1, padding=0, output_padding=0, dilation=1):
     """Output size of a transposed convolution along each spatial axis.
 
     ``O = (I - 1)*S - lo - hi + d*(K - 1) + output_padding + 1``, the input size of the

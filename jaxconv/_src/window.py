@@ -14,10 +14,11 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jaxconv._src.arithmetic import pool_output_size_1d, resolve_padding
 from jaxconv._src.args import check_bool, layout_axes, per_axis, spatial_rank
+from jaxconv._src.arithmetic import pool_output_size_1d, resolve_padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +119,10 @@ def window_spec(
         fname, padding, n, kernel=kernel, stride=strides, dilation=dilation, in_sizes=sizes
     )
     _check_pad_limit(fname, pads, kernel, dilation, pad_limit)
+    rows = zip(axes, sizes, kernel, strides, dilation, pads, strict=True)
     plans = tuple(
         AxisPlan(a, i, k, s, d, lo, hi, pool_output_size_1d(fname, i, k, s, (lo, hi), d, ceil_mode))
-        for a, i, k, s, d, (lo, hi) in zip(axes, sizes, kernel, strides, dilation, pads, strict=True)
+        for a, i, k, s, d, (lo, hi) in rows
     )
     return WindowSpec(plans, channel_axis, len(shape), ceil_mode)
 
@@ -146,3 +148,26 @@ def taps(x: jnp.ndarray, plan: AxisPlan, fill) -> list[jnp.ndarray]:
         lax.slice_in_dim(xp, j * plan.dilation, j * plan.dilation + stop, plan.stride, plan.axis)
         for j in range(plan.kernel)
     ]
+
+
+def along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """A 1-D array shaped to broadcast along ``axis`` of an ``ndim``-axis array."""
+    shape = [1] * ndim
+    shape[axis] = values.shape[0]
+    return values.reshape(shape)
+
+
+def tap_valid(plan: AxisPlan, ndim: int) -> list[np.ndarray | None]:
+    """Per tap, where it reads real input (not padding); None where it always does."""
+    masks = []
+    for j in range(plan.kernel):
+        pos = np.arange(plan.out) * plan.stride - plan.lo + j * plan.dilation
+        ok = (pos >= 0) & (pos < plan.size)
+        masks.append(None if ok.all() else along(ok, plan.axis, ndim))
+    return masks
+
+
+def tap_position(plan: AxisPlan, offset: jnp.ndarray) -> jnp.ndarray:
+    """Input coordinate along ``plan.axis`` read by tap ``offset`` of each output position."""
+    start = along(np.arange(plan.out) * plan.stride - plan.lo, plan.axis, offset.ndim)
+    return jnp.asarray(start, jnp.int32) + offset.astype(jnp.int32) * plan.dilation
