@@ -1,0 +1,405 @@
+"""N-d convolution and its exact adjoint, on ``lax.conv_general_dilated``.
+
+``conv`` passes ``dimension_numbers`` that match ``data_format`` and the weight layout, so no
+array is transposed and, with ``padding_mode="zeros"``, a single batch axis and no bias, the traced
+program is exactly one ``conv_general_dilated``. Other padding modes pad explicitly (reflect,
+edge, wrap) and then run a VALID convolution.
+
+``conv_transpose`` is the adjoint (transpose) of ``conv`` with respect to ``x``: it dilates its
+input by the stride, pads it by ``d*(k-1) - lo`` and ``d*(k-1) - hi + r`` (``r`` the part of the
+conv's padded input its windows never reach, i.e. ``output_padding``) and convolves with the
+spatially flipped kernel whose in/out channel roles are swapped (per group).
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxconv._src.args import check_data_format, check_floating, is_int, layout_axes, per_axis
+from jaxconv._src.arithmetic import pool_output_size_1d, resolve_padding, transpose_sizes
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_NUMPY_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where things live in ``x`` (batch flattened to one axis) and in ``w``."""
+
+    n: int
+    data_format: str
+    batch_shape: tuple[int, ...]
+    sizes: tuple[int, ...]
+    kernel: tuple[int, ...]
+    channels: int
+    w_in: int
+    w_out: int
+
+    @property
+    def spatial_axes(self) -> tuple[int, ...]:
+        """Spatial axes of the flattened (one batch axis) array."""
+        first = 1 if self.data_format == "channels_last" else 2
+        return tuple(range(first, first + self.n))
+
+    @property
+    def channel_axis(self) -> int:
+        return self.n + 1 if self.data_format == "channels_last" else 1
+
+    def dimension_numbers(self, *, transpose: bool = False) -> lax.ConvDimensionNumbers:
+        lhs = (0, self.channel_axis, *self.spatial_axes)
+        n = self.n
+        if self.data_format == "channels_last":  # w: (*kernel, I, O)
+            out_axis, in_axis, spatial = n + 1, n, tuple(range(n))
+        else:  # w: (O, I, *kernel)
+            out_axis, in_axis, spatial = 0, 1, tuple(range(2, n + 2))
+        if transpose:
+            out_axis, in_axis = in_axis, out_axis
+        return lax.ConvDimensionNumbers(lhs, (out_axis, in_axis, *spatial), lhs)
+
+
+def _check_arrays(fname: str, name: str, x, w, bias):
+    x = check_floating(fname, name, x)
+    w = check_floating(fname, "w", w)
+    if x.dtype != w.dtype:
+        raise TypeError(
+            f"{fname}: `{name}` and `w` must have the same dtype, got {x.dtype} and {w.dtype}."
+        )
+    if bias is not None:
+        bias = check_floating(fname, "bias", bias)
+        if bias.dtype != x.dtype:
+            raise TypeError(
+                f"{fname}: `bias` must have the dtype of `{name}` ({x.dtype}), got {bias.dtype}."
+            )
+    if w.ndim < 3:
+        raise ValueError(
+            f"{fname}: `w` must have n + 2 >= 3 axes for n >= 1 spatial axes, got shape {w.shape}."
+        )
+    return x, w, bias
+
+
+def _layout(fname: str, name: str, x, w, data_format) -> _Layout:
+    """Validate the ranks and the layout of ``x`` and ``w``; sizes from their shapes."""
+    n = w.ndim - 2
+    check_data_format(fname, data_format)
+    if x.ndim < n + 1:
+        layout = (
+            "(*batch, *spatial, C)" if data_format == "channels_last" else "(*batch, C, *spatial)"
+        )
+        raise ValueError(
+            f"{fname}: `{name}` must have at least {n + 1} axes, {layout} with {n} spatial axes "
+            f"(from `w` with shape {w.shape}), got shape {x.shape}."
+        )
+    axes, channel_axis = layout_axes(fname, x.ndim, n, data_format)
+    if data_format == "channels_last":
+        kernel, w_in, w_out = w.shape[:n], w.shape[n], w.shape[n + 1]
+    else:
+        kernel, w_in, w_out = w.shape[2:], w.shape[1], w.shape[0]
+    if min(kernel) < 1:
+        raise ValueError(f"{fname}: the kernel sizes of `w` must be >= 1, got {tuple(kernel)}.")
+    batch_shape = x.shape[: x.ndim - n - 1]
+    sizes = tuple(x.shape[a] for a in axes)
+    if min(sizes) < 1:
+        raise ValueError(f"{fname}: the spatial sizes of `{name}` must be >= 1, got {sizes}.")
+    return _Layout(
+        n, data_format, batch_shape, sizes, tuple(kernel), x.shape[channel_axis], w_in, w_out
+    )
+
+
+def _check_groups(fname: str, name: str, groups, got: int, per_group: int, total: int) -> int:
+    """``got`` channels of ``name`` are ``groups * per_group``; ``total`` is divisible by groups."""
+    if not is_int(groups):
+        raise TypeError(f"{fname}: `groups` must be an int, got {groups!r}.")
+    if groups < 1:
+        raise ValueError(f"{fname}: `groups` must be >= 1, got {groups}.")
+    if got % groups:
+        raise ValueError(
+            f"{fname}: the {got} channels of `{name}` are not divisible by groups={groups}."
+        )
+    if got // groups != per_group:
+        raise ValueError(
+            f"{fname}: `w` expects {per_group} channels per group, but `{name}` has {got} "
+            f"channels and groups={groups} ({got} // {groups} = {got // groups})."
+        )
+    if total % groups:
+        raise ValueError(
+            f"{fname}: the {total} output channels of `w` are not divisible by groups={groups}."
+        )
+    return int(groups)
+
+
+def _check_bias(fname: str, bias, channels: int) -> None:
+    if bias is not None and bias.shape != (channels,):
+        raise ValueError(
+            f"{fname}: `bias` must have shape ({channels},) (one per output channel), "
+            f"got {bias.shape}."
+        )
+
+
+def _flatten_batch(x, batch_shape):
+    """One batch axis in front: add it, keep it, or merge several."""
+    if len(batch_shape) == 1:
+        return x
+    return x.reshape((math.prod(batch_shape), *x.shape[len(batch_shape) :]))
+
+
+def _unflatten_batch(out, batch_shape):
+    if len(batch_shape) == 1:
+        return out
+    return out.reshape((*batch_shape, *out.shape[1:]))
+
+
+def _add_bias(out, bias, channel_axis: int):
+    if bias is None:
+        return out
+    shape = [1] * out.ndim
+    shape[channel_axis] = bias.shape[0]
+    return out + bias.reshape(shape)
+
+
+def _pad_mode(fname: str, x, layout: _Layout, pads, padding_mode):
+    """Explicit non-zero padding of the spatial axes (PyTorch's size rules)."""
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(
+            f"{fname}: `padding_mode` must be one of {PADDING_MODES}, got {padding_mode!r}."
+        )
+    if padding_mode == "zeros":
+        return x, pads
+    for size, (lo, hi) in zip(layout.sizes, pads, strict=True):
+        if padding_mode == "reflect" and max(lo, hi) >= size:
+            raise ValueError(
+                f"{fname}: padding_mode='reflect' needs padding smaller than the input size on "
+                f"every spatial axis, got padding ({lo}, {hi}) for size {size}."
+            )
+        if padding_mode == "circular" and max(lo, hi) > size:
+            raise ValueError(
+                f"{fname}: padding_mode='circular' needs padding at most the input size on every "
+                f"spatial axis (it wraps around once), got padding ({lo}, {hi}) for size {size}."
+            )
+    config = [(0, 0)] * x.ndim
+    for axis, pad in zip(layout.spatial_axes, pads, strict=True):
+        config[axis] = pad
+    return jnp.pad(x, config, mode=_NUMPY_PAD_MODES[padding_mode]), ((0, 0),) * layout.n
+
+
+def _conv_geometry(fname: str, lay: _Layout, stride, padding, dilation):
+    """Per-axis stride, dilation and (lo, hi) padding, the window checked against the input."""
+    stride = per_axis(fname, "stride", stride, lay.n)
+    dilation = per_axis(fname, "dilation", dilation, lay.n)
+    pads = resolve_padding(
+        fname,
+        padding,
+        lay.n,
+        kernel=lay.kernel,
+        stride=stride,
+        dilation=dilation,
+        in_sizes=lay.sizes,
+        allowed=("VALID", "SAME", "FULL"),
+    )
+    for args in zip(lay.sizes, lay.kernel, stride, pads, dilation, strict=True):
+        pool_output_size_1d(fname, *args, False)
+    return stride, dilation, pads
+
+
+def conv(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    bias: jax.typing.ArrayLike | None = None,
+    data_format: str = "channels_last",
+) -> jax.Array:
+    """N-d convolution (cross-correlation, as in PyTorch and lax) with ``n = w.ndim - 2``.
+
+    ``out[b, o, c] = bias[c] + sum_{j, i} x_padded[b, o*stride + j*dilation, g*C_in/groups + i]
+    * w[j, i, c]`` with ``g = c // (C_out/groups)``.
+
+    Args:
+      x: ``(*batch, *spatial, C_in)`` for channels_last, ``(*batch, C_in, *spatial)`` for
+        channels_first; ``*batch`` may be empty or several axes.
+      w: ``(*kernel, C_in // groups, C_out)`` for channels_last (HWIO), ``(C_out, C_in // groups,
+        *kernel)`` for channels_first (PyTorch's OIHW). Same dtype as ``x``.
+      stride: int or one per spatial axis.
+      padding: int, per-axis ints, per-axis ``(lo, hi)`` pairs, "VALID", "SAME" (the odd element
+        on the high side) or "FULL" (``d*(k-1)`` on both sides).
+      dilation: kernel dilation, int or per axis.
+      groups: feature groups; ``groups == C_in`` with ``C_out = m*C_in`` is depthwise.
+      padding_mode: "zeros", "reflect", "replicate" or "circular" (PyTorch's modes and limits).
+      bias: ``(C_out,)`` or None.
+      data_format: "channels_last" or "channels_first".
+
+    Returns:
+      ``(*batch, *out_spatial, C_out)`` (or channels first) of ``x``'s dtype, ``out_spatial`` as
+      in :func:`jaxconv.conv_output_size`.
+
+    Supports jit, vmap, grad (x, w, bias), jvp and higher orders (hessian): it is a composition of
+    lax primitives with their own derivative rules. float16, bfloat16, float32, float64.
+
+    Example:
+      >>> x = jnp.ones((2, 8, 8, 3))
+      >>> w = jnp.ones((3, 3, 3, 16))
+      >>> conv(x, w, padding="SAME").shape
+      (2, 8, 8, 16)
+    """
+    fname = "conv"
+    x, w, bias = _check_arrays(fname, "x", x, w, bias)
+    lay = _layout(fname, "x", x, w, data_format)
+    groups = _check_groups(fname, "x", groups, lay.channels, lay.w_in, lay.w_out)
+    _check_bias(fname, bias, lay.w_out)
+    stride, dilation, pads = _conv_geometry(fname, lay, stride, padding, dilation)
+    xb = _flatten_batch(x[None] if not lay.batch_shape else x, lay.batch_shape or (1,))
+    xb, pads = _pad_mode(fname, xb, lay, pads, padding_mode)
+    out = lax.conv_general_dilated(
+        xb,
+        w,
+        window_strides=stride,
+        padding=pads,
+        rhs_dilation=dilation,
+        dimension_numbers=lay.dimension_numbers(),
+        feature_group_count=groups,
+    )
+    out = _add_bias(out, bias, lay.channel_axis)
+    return out[0] if not lay.batch_shape else _unflatten_batch(out, lay.batch_shape)
+
+
+def _check_transpose_groups(fname: str, groups, lay: _Layout) -> int:
+    if not is_int(groups):
+        raise TypeError(f"{fname}: `groups` must be an int, got {groups!r}.")
+    if groups < 1:
+        raise ValueError(f"{fname}: `groups` must be >= 1, got {groups}.")
+    if lay.channels != lay.w_out:
+        raise ValueError(
+            f"{fname}: `y` must have the {lay.w_out} channels of the convolution's output "
+            f"(the out-channel axis of `w`), got {lay.channels}."
+        )
+    if lay.w_out % groups:
+        raise ValueError(
+            f"{fname}: the {lay.w_out} channels of `y` are not divisible by groups={groups}."
+        )
+    return int(groups)
+
+
+def _transpose_geometry(fname, lay: _Layout, padding, stride, dilation, output_padding):
+    """Output sizes and the (lo, hi) padding of the adjoint's dilated convolution."""
+    n, outs = lay.n, lay.sizes
+    allowed = ("VALID", "SAME", "FULL")
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        if any(output_padding):
+            raise ValueError(
+                f"{fname}: with padding='SAME' the output size is input size * stride, so "
+                f"`output_padding` must be 0, got {output_padding}."
+            )
+        sizes = tuple(o * s for o, s in zip(outs, stride, strict=True))
+        pads = resolve_padding(
+            fname, padding, n, kernel=lay.kernel, stride=stride, dilation=dilation, in_sizes=sizes
+        )
+    else:
+        pads = resolve_padding(
+            fname, padding, n, kernel=lay.kernel, stride=stride, dilation=dilation, allowed=allowed
+        )
+        sizes = transpose_sizes(fname, outs, lay.kernel, stride, pads, output_padding, dilation)
+    tpads = []
+    for i, o, k, s, d, (lo, hi) in zip(
+        sizes, outs, lay.kernel, stride, dilation, pads, strict=True
+    ):
+        span = d * (k - 1)
+        rest = i + lo + hi - span - 1 - (o - 1) * s  # padded input no window of the conv reaches
+        tpads.append((span - lo, span - hi + rest))
+    return tuple(tpads)
+
+
+def _transpose_kernel(w, lay: _Layout, groups: int):
+    """``w`` flipped in space, regrouped so that its in/out roles can be swapped per group."""
+    n = lay.n
+    last = lay.data_format == "channels_last"
+    w = lax.rev(w, tuple(range(n)) if last else tuple(range(2, n + 2)))
+    if groups == 1:
+        return w
+    o_per, i_per = lay.w_out // groups, lay.w_in
+    k = lay.kernel
+    if last:  # (*k, I/g, O) -> (*k, I/g, g, O/g) -> (*k, g, I/g, O/g) -> (*k, C_in, O/g)
+        w = w.reshape((*k, i_per, groups, o_per))
+        w = jnp.swapaxes(w, n, n + 1)
+        return w.reshape((*k, groups * i_per, o_per))
+    # (O, I/g, *k) -> (g, O/g, I/g, *k) -> (O/g, g, I/g, *k) -> (O/g, C_in, *k)
+    w = w.reshape((groups, o_per, i_per, *k))
+    w = jnp.swapaxes(w, 0, 1)
+    return w.reshape((o_per, groups * i_per, *k))
+
+
+def conv_transpose(
+    y: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    *,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    dilation=1,
+    groups: int = 1,
+    bias: jax.typing.ArrayLike | None = None,
+    data_format: str = "channels_last",
+) -> jax.Array:
+    """Transposed convolution: the exact adjoint of :func:`conv` with the same ``w`` and arguments.
+
+    ``conv_transpose(g, w, **kw) == jax.vjp(lambda x: conv(x, w, **kw), x)[1](g)[0]`` for ``x`` of
+    the output shape below (zero padding); with channels_first this is PyTorch's
+    ``F.conv_transpose{1,2,3}d(g, w, ...)`` with the very same ``(C_out, C_in // groups, *kernel)``
+    tensor. The seed's dE/dA is ``conv_transpose(ones((3, 3, 1)), B[..., None, None])``.
+
+    Args:
+      y: ``(*batch, *spatial, C_out)`` (channels_last) or ``(*batch, C_out, *spatial)``: shaped
+        like an output of ``conv``; ``*batch`` may be empty or several axes.
+      w: the convolution's weight, ``(*kernel, C_in // groups, C_out)`` for channels_last,
+        ``(C_out, C_in // groups, *kernel)`` for channels_first. Same dtype as ``y``.
+      stride, dilation: the convolution's, int or per axis.
+      padding: the convolution's zero padding: int, per-axis ints, ``(lo, hi)`` pairs, "VALID",
+        "FULL" (``d*(k-1)`` both sides), or "SAME": the adjoint of a "SAME" convolution of an input
+        of size ``size * stride`` (the output size then is ``size * stride``).
+      output_padding: extra output size on the high side, int or per axis, smaller than the stride
+        or the dilation (it picks which input size the adjoint is for; must be 0 with "SAME").
+      groups: the convolution's feature groups.
+      bias: ``(C_in,)`` (one per output channel of this function) or None.
+      data_format: "channels_last" or "channels_first".
+
+    Returns:
+      ``(*batch, *out_spatial, C_in)`` (or channels first), ``out_spatial`` as in
+      :func:`jaxconv.conv_transpose_output_size`: ``(I-1)*S - lo - hi + d*(K-1) +
+      output_padding + 1``.
+
+    Supports jit, vmap, grad (y, w, bias), jvp and higher orders (hessian). float16, bfloat16,
+    float32, float64.
+
+    Example:
+      >>> y = jnp.ones((1, 4, 4, 16))
+      >>> w = jnp.ones((3, 3, 8, 16))
+      >>> conv_transpose(y, w, stride=2, padding=1, output_padding=1).shape
+      (1, 8, 8, 8)
+    """
+    fname = "conv_transpose"
+    y, w, bias = _check_arrays(fname, "y", y, w, bias)
+    lay = _layout(fname, "y", y, w, data_format)
+    groups = _check_transpose_groups(fname, groups, lay)
+    _check_bias(fname, bias, lay.w_in * groups)
+    stride = per_axis(fname, "stride", stride, lay.n)
+    dilation = per_axis(fname, "dilation", dilation, lay.n)
+    output_padding = per_axis(fname, "output_padding", output_padding, lay.n, minimum=0)
+    tpads = _transpose_geometry(fname, lay, padding, stride, dilation, output_padding)
+    yb = _flatten_batch(y[None] if not lay.batch_shape else y, lay.batch_shape or (1,))
+    out = lax.conv_general_dilated(
+        yb,
+        _transpose_kernel(w, lay, groups),
+        window_strides=(1,) * lay.n,
+        padding=tpads,
+        lhs_dilation=stride,
+        rhs_dilation=dilation,
+        dimension_numbers=lay.dimension_numbers(transpose=True),
+        feature_group_count=groups,
+    )
+    out = _add_bias(out, bias, lay.channel_axis)
+    return out[0] if not lay.batch_shape else _unflatten_batch(out, lay.batch_shape)
