@@ -48,6 +48,16 @@ class AxisPlan:
         """High-side padding that makes the padded input exactly ``extent`` long (may be < 0)."""
         return self.extent - self.size - self.lo
 
+    # The plan protocol of jaxconv._src.select (``aux`` is unused: regular plans are static).
+    def taps(self, x, fill, aux=None):
+        return taps(x, self, fill)
+
+    def valid(self, ndim):
+        return tap_valid(self, ndim)
+
+    def position(self, offset, aux=None):
+        return tap_position(self, offset)
+
 
 @dataclasses.dataclass(frozen=True)
 class WindowSpec:
