@@ -1,13 +1,17 @@
 """jaxconv: convolution and pooling for JAX with PyTorch-exact semantics."""
 
 from jaxconv._src.arithmetic import conv_output_size, conv_transpose_output_size
+from jaxconv._src.avg import avg_pool
 from jaxconv._src.conv import conv, conv_transpose
+from jaxconv._src.lp import lp_pool
 
 __all__ = [
+    "avg_pool",
     "conv",
     "conv_output_size",
     "conv_transpose",
     "conv_transpose_output_size",
+    "lp_pool",
 ]
 
 __version__ = "0.1.0"
