@@ -1,0 +1,101 @@
+"""Framework-free pieces shared by the Flax wrappers (``jaxconv.linen`` and ``jaxconv.nnx``).
+
+Kernel layouts and their default initialisers, the learnable-``p`` parameterisation of Lp
+pooling, and the fixed fractional-pooling samples used when randomness is switched off. Nothing
+here imports Flax, so both wrapper modules share one definition of each rule.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.nn import initializers
+
+from jaxconv._src.args import check_data_format, is_int, layout_axes, spatial_rank
+
+DETERMINISTIC_SAMPLE = 0.5
+"""The sample ``u`` every (batch, channel, axis) uses when fractional pooling is deterministic."""
+
+
+def kernel_shape(
+    fname: str,
+    kernel_size,
+    in_features: int,
+    out_features: int,
+    groups: int,
+    data_format: str,
+    *,
+    transpose: bool,
+) -> tuple[int, ...]:
+    """The weight shape ``jaxconv.conv`` / ``jaxconv.conv_transpose`` expect for a layer.
+
+    ``conv``: ``(*k, in // groups, out)`` channels_last, ``(out, in // groups, *k)`` channels_first.
+    ``conv_transpose`` uses the weight of the convolution it is the adjoint of (that convolution
+    maps ``out`` features to ``in``): ``(*k, out // groups, in)`` / ``(in, out // groups, *k)``.
+    """
+    spatial_rank(fname, "kernel_size", kernel_size)
+    kernel = tuple(kernel_size)
+    if not all(is_int(k) and k >= 1 for k in kernel):
+        raise ValueError(f"{fname}: `kernel_size` must contain ints >= 1, got {kernel_size!r}.")
+    check_data_format(fname, data_format)
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{fname}: `{name}` must be an int >= 1, got {value!r}.")
+    if not is_int(groups) or groups < 1 or in_features % groups or out_features % groups:
+        raise ValueError(
+            f"{fname}: `groups` must be an int >= 1 dividing in_features={in_features} and "
+            f"out_features={out_features}, got {groups!r}."
+        )
+    conv_in, conv_out = (out_features, in_features) if transpose else (in_features, out_features)
+    if data_format == "channels_last":
+        return (*(int(k) for k in kernel), conv_in // groups, conv_out)
+    return (conv_out, conv_in // groups, *(int(k) for k in kernel))
+
+
+def default_kernel_init(data_format: str, *, transpose: bool) -> initializers.Initializer:
+    """Flax's default, LeCun normal, with the fan-in taken over the layer's input features.
+
+    For ``conv`` that is ``prod(kernel) * in_features // groups`` as in ``flax.linen.Conv``; for
+    ``conv_transpose`` it is ``prod(kernel) * in_features`` (the features the layer reads).
+    """
+    last = data_format == "channels_last"
+    if transpose:
+        in_axis, out_axis = (-1, -2) if last else (0, 1)
+    else:
+        in_axis, out_axis = (-2, -1) if last else (1, 0)
+    return initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis)
+
+
+def p_to_raw(fname: str, p) -> float:
+    """The unconstrained value ``raw`` with ``1 + softplus(raw) == p`` (``p > 1`` finite).
+
+    ``p == 1`` sits at ``raw = -inf``; it is started at ``1 + 1e-6`` instead.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
+        raise ValueError(
+            f"{fname}: a learnable `p` must start at a finite Python number >= 1, got {p!r}."
+        )
+    excess = max(float(p) - 1.0, 1e-6)
+    return excess + math.log(-math.expm1(-excess))
+
+
+def raw_to_p(raw: jax.Array) -> jax.Array:
+    """``p = 1 + softplus(raw)``: always >= 1, whatever the optimiser does to ``raw``."""
+    return 1 + jax.nn.softplus(raw)
+
+
+def deterministic_samples(fname: str, x: jax.Array, window, data_format: str) -> jax.Array:
+    """Fractional-pooling samples ``(*batch, C, n)`` all equal to :data:`DETERMINISTIC_SAMPLE`."""
+    x = jnp.asarray(x)
+    n = spatial_rank(fname, "window", window)
+    _, channel_axis = layout_axes(fname, x.ndim, n, data_format)
+    lead = x.shape[: x.ndim - n - 1] if data_format == "channels_last" else x.shape[:channel_axis]
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    return jnp.full((*lead, x.shape[channel_axis], n), DETERMINISTIC_SAMPLE, dtype)
+
+
+def conv_in_features(fname: str, x: jax.Array, kernel_size, data_format: str) -> int:
+    """The channel count of a convolution layer's input, validating its rank and layout."""
+    n = spatial_rank(fname, "kernel_size", kernel_size)
+    _, channel_axis = layout_axes(fname, jnp.ndim(x), n, data_format)
+    return int(jnp.shape(x)[channel_axis])
