@@ -152,11 +152,16 @@ def _unflatten_batch(out, batch_shape):
 
 
 def _add_bias(out, bias, channel_axis: int):
+    """``out + bias`` on the channel axis; in float32 for half dtypes, so that the bias gradient
+    (a sum over batch and space) is accumulated in float32."""
     if bias is None:
         return out
     shape = [1] * out.ndim
     shape[channel_axis] = bias.shape[0]
-    return out + bias.reshape(shape)
+    bias = bias.reshape(shape)
+    if out.dtype in (jnp.float16, jnp.bfloat16):
+        return (out.astype(jnp.float32) + bias.astype(jnp.float32)).astype(out.dtype)
+    return out + bias
 
 
 def _pad_mode(fname: str, x, layout: _Layout, pads, padding_mode):

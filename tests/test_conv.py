@@ -1,0 +1,444 @@
+"""conv and conv_transpose against PyTorch CPU: forward and gradients, dtypes, transformations."""
+
+import functools
+import zlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax import lax
+from jax.test_util import check_grads
+
+from jaxconv import conv, conv_output_size, conv_transpose
+
+TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+TORCH_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+CF, CL = "channels_first", "channels_last"
+
+
+def _rng(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _to_last(a):
+    """(N, C, *spatial) -> (N, *spatial, C)."""
+    return np.moveaxis(np.asarray(a), 1, -1)
+
+
+def _to_first(a):
+    return np.moveaxis(np.asarray(a), -1, 1)
+
+
+def _hwio(w):
+    """PyTorch's (O, I, *kernel) -> (*kernel, I, O)."""
+    n = w.ndim - 2
+    return np.transpose(np.asarray(w), (*range(2, n + 2), 1, 0))
+
+
+def _oihw(w):
+    n = w.ndim - 2
+    return np.transpose(np.asarray(w), (n + 1, n, *range(n)))
+
+
+def _pairs(padding, kernel, dilation):
+    """The test's own reading of a padding spec as (lo, hi) pairs (stride-1 "SAME")."""
+    n = len(kernel)
+    dil = (dilation,) * n if isinstance(dilation, int) else dilation
+    spans = [d * (k - 1) for k, d in zip(kernel, dil, strict=True)]
+    if padding == "SAME":
+        return [(t // 2, t - t // 2) for t in spans]
+    if padding == "FULL":
+        return [(t, t) for t in spans]
+    if padding == "VALID":
+        return [(0, 0)] * n
+    if isinstance(padding, int):
+        return [(padding, padding)] * n
+    return [p if isinstance(p, tuple) else (p, p) for p in padding]
+
+
+def _torch_pad(x, pairs, mode):
+    flat = [v for lo_hi in reversed(pairs) for v in lo_hi]
+    return F.pad(x, flat, mode="constant" if mode == "zeros" else mode)
+
+
+def _torch_conv(x, w, b, g_seed, *, stride, padding, dilation, groups, padding_mode, g_dtype=None):
+    """PyTorch forward and the gradients of <out, g> for a random cotangent g (channels first)."""
+    n = w.ndim - 2
+    tx, tw = (torch.tensor(a, requires_grad=True) for a in (x, w))
+    tb = None if b is None else torch.tensor(b, requires_grad=True)
+    pad = padding
+    if padding_mode != "zeros" or padding == "FULL" or not isinstance(padding, (int, str)):
+        explicit = _pairs(padding, w.shape[2:], dilation)
+        if padding_mode == "zeros" and all(lo == hi for lo, hi in explicit):
+            pad, xin = tuple(lo for lo, _ in explicit), tx
+        else:
+            pad, xin = 0, _torch_pad(tx, explicit, padding_mode)
+    else:
+        pad, xin = padding.lower() if isinstance(padding, str) else padding, tx
+    out = TORCH_CONV[n](xin, tw, tb, stride=stride, padding=pad, dilation=dilation, groups=groups)
+    g = _rng("g", g_seed).standard_normal(out.shape)
+    g = g.astype(g_dtype or x.dtype).astype(x.dtype)
+    (out * torch.tensor(g)).sum().backward()
+    grads = (tx.grad, tw.grad, None if tb is None else tb.grad)
+    return out.detach().numpy(), g, [None if t is None else t.numpy() for t in grads]
+
+
+def _torch_conv_t(
+    y, w, b, g_seed, *, stride, padding, output_padding, dilation, groups, g_dtype=None
+):
+    n = w.ndim - 2
+    ty, tw = (torch.tensor(a, requires_grad=True) for a in (y, w))
+    tb = None if b is None else torch.tensor(b, requires_grad=True)
+    out = TORCH_CONV_T[n](
+        ty,
+        tw,
+        tb,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        groups=groups,
+        dilation=dilation,
+    )
+    g = _rng("g", g_seed).standard_normal(out.shape)
+    g = g.astype(g_dtype or y.dtype).astype(y.dtype)
+    (out * torch.tensor(g)).sum().backward()
+    grads = (ty.grad, tw.grad, None if tb is None else tb.grad)
+    return out.detach().numpy(), g, [None if t is None else t.numpy() for t in grads]
+
+
+def _jax_vjp(fn, x, w, b, g, **kw):
+    """Forward and the gradients of <fn(x, w, b), g> with respect to x, w and b, under jit."""
+
+    def run(x, w, b, g):
+        out, pullback = jax.vjp(lambda x, w, b: fn(x, w, bias=b, **kw), x, w, b)
+        return out, pullback(g)
+
+    return jax.jit(run)(x, w, b, g)
+
+
+def _assert_close(got, want, rtol=1e-5):
+    want = np.asarray(want)
+    scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=rtol * scale)
+
+
+def _compare_both_formats(fn, x, w, b, ref, g, grads, **kw):
+    """Run ``fn`` in channels_first (w as OIHW) and channels_last (w as HWIO) against PyTorch."""
+    out, (gx, gw, gb) = _jax_vjp(fn, x, w, b, g, data_format=CF, **kw)
+    chex.assert_shape(out, ref.shape)
+    for got, want in zip((out, gx, gw), (ref, *grads[:2]), strict=True):
+        _assert_close(got, want)
+    out, (gx, gw, gb_last) = _jax_vjp(
+        fn, _to_last(x), _hwio(w), b, _to_last(g), data_format=CL, **kw
+    )
+    _assert_close(_to_first(out), ref)
+    _assert_close(_to_first(gx), grads[0])
+    _assert_close(_oihw(gw), grads[1])
+    if b is not None:
+        _assert_close(gb, grads[2])
+        _assert_close(gb_last, grads[2])
+
+
+# (spatial sizes, kernel, C_in, C_out, stride, padding, dilation, groups, padding_mode, bias)
+CONV_CASES = [
+    ((11,), (3,), 2, 3, 1, 0, 1, 1, "zeros", True),
+    ((12,), (3,), 2, 4, 2, 2, 2, 1, "zeros", False),
+    ((11,), (4,), 4, 6, 1, ((2, 1),), 1, 2, "reflect", True),
+    ((10,), (3,), 3, 6, 3, 1, 1, 3, "circular", False),
+    ((9,), (4,), 2, 3, 1, "SAME", 2, 1, "zeros", True),
+    ((9, 8), (3, 3), 2, 3, 1, 1, 1, 1, "zeros", True),
+    ((9, 10), (3, 2), 4, 6, 2, (1, 2), (1, 2), 2, "zeros", False),
+    ((8, 9), (3, 3), 3, 2, (2, 1), ((1, 0), (0, 2)), 1, 1, "replicate", True),
+    ((7, 8), (3, 4), 4, 4, 1, "SAME", 1, 4, "reflect", False),
+    ((9, 9), (2, 3), 2, 3, 1, "VALID", 2, 1, "zeros", True),
+    ((6, 7), (3, 2), 2, 2, 2, "FULL", 1, 1, "zeros", False),
+    ((7, 6), (3, 3), 2, 3, 1, 2, 1, 1, "circular", True),
+    ((9, 8), (3, 3), 4, 2, 3, 1, 1, 2, "reflect", False),
+    ((5, 6, 5), (3, 2, 3), 2, 3, 1, 1, 1, 1, "zeros", True),
+    ((6, 7, 6), (2, 3, 2), 2, 4, 2, (0, 1, 1), (1, 2, 1), 2, "zeros", False),
+    ((5, 5, 6), (3, 3, 3), 2, 2, 1, 1, 1, 1, "replicate", True),
+    ((5, 4, 5), (3, 3, 2), 3, 6, 1, "SAME", 1, 3, "circular", False),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{len(c[0])}d-{c[5]}-{c[8]}-g{c[7]}")
+def test_conv_matches_torch(case):
+    sizes, kernel, cin, cout, stride, padding, dilation, groups, mode, has_bias = case
+    rng = _rng("conv", case)
+    x = rng.standard_normal((2, cin, *sizes)).astype(np.float32)
+    w = rng.standard_normal((cout, cin // groups, *kernel)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32) if has_bias else None
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    ref, g, grads = _torch_conv(x, w, b, case, padding_mode=mode, **args)
+    _compare_both_formats(conv, x, w, b, ref, g, grads, padding_mode=mode, **args)
+
+
+# (input sizes of the transposed conv, kernel, C_out of conv (= channels of y), C_in of conv,
+#  stride, padding, output_padding, dilation, groups, bias)
+CONV_T_CASES = [
+    ((6,), (3,), 2, 3, 2, 1, 1, 1, 1, True),
+    ((5,), (4,), 3, 6, 3, 0, 2, 1, 3, False),
+    ((7,), (3,), 2, 2, 1, 2, 1, 2, 1, True),  # output_padding >= stride, < dilation
+    ((5, 6), (3, 3), 2, 3, 2, 1, 1, 1, 1, True),
+    ((4, 5), (3, 2), 4, 2, (2, 3), (0, 1), (1, 2), 1, 2, False),
+    ((6, 5), (3, 3), 4, 4, 1, 0, 0, (2, 1), 4, True),
+    ((5, 5), (2, 3), 4, 6, 2, 0, (0, 1), 2, 2, False),
+    ((4, 4), (3, 3), 3, 2, 1, "FULL", 0, 1, 1, True),
+    ((4, 3, 4), (3, 2, 3), 2, 3, 2, 1, 1, 1, 1, True),
+    ((3, 4, 4), (2, 3, 2), 4, 2, (1, 2, 2), (0, 1, 0), (0, 1, 1), (2, 1, 1), 2, False),
+]
+
+
+@pytest.mark.parametrize("case", CONV_T_CASES, ids=lambda c: f"{len(c[0])}d-s{c[4]}-op{c[6]}")
+def test_conv_transpose_matches_torch(case):
+    sizes, kernel, c_y, c_out, stride, padding, out_pad, dilation, groups, has_bias = case
+    rng = _rng("conv_t", case)
+    y = rng.standard_normal((2, c_y, *sizes)).astype(np.float32)
+    w = rng.standard_normal((c_y, c_out // groups, *kernel)).astype(np.float32)
+    b = rng.standard_normal(c_out).astype(np.float32) if has_bias else None
+    torch_padding = padding
+    if padding == "FULL":  # the adjoint of a FULL conv: d*(k-1) on both sides
+        dil = (dilation,) * len(kernel) if isinstance(dilation, int) else dilation
+        torch_padding = tuple(d * (k - 1) for k, d in zip(kernel, dil, strict=True))
+    args = dict(stride=stride, output_padding=out_pad, dilation=dilation, groups=groups)
+    ref, g, grads = _torch_conv_t(y, w, b, case, padding=torch_padding, **args)
+    _compare_both_formats(conv_transpose, y, w, b, ref, g, grads, padding=padding, **args)
+
+
+ADJOINT_CASES = [
+    # (n, data_format, stride, padding, output_padding, dilation, groups)
+    (1, CL, 2, 1, 1, 1, 1),
+    (1, CF, 1, "SAME", 0, 2, 2),
+    (2, CL, 2, "SAME", 0, 1, 1),
+    (2, CF, 3, "SAME", 0, (1, 2), 2),
+    (2, CL, (2, 1), ((2, 0), (1, 3)), (1, 0), 1, 2),
+    (2, CF, 1, "FULL", 0, 2, 1),
+    (2, CL, 2, "VALID", 1, 1, 4),
+    (3, CF, 2, (1, 0, 1), (1, 0, 1), 1, 2),
+    (3, CL, 1, "SAME", 0, 1, 1),
+]
+
+
+def _conv_weight(rng, n, data_format, c_in, c_out, groups, kernel=3):
+    w = rng.standard_normal((c_out, c_in // groups, *(kernel,) * n))
+    return w if data_format == CF else _hwio(w)
+
+
+@pytest.mark.parametrize("case", ADJOINT_CASES, ids=lambda c: f"{c[0]}d-{c[1]}-{c[3]}")
+def test_conv_transpose_is_the_adjoint_of_conv(case):
+    n, data_format, stride, padding, out_pad, dilation, groups = case
+    rng = _rng("adjoint", case)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    kw["data_format"] = data_format
+    w = _conv_weight(rng, n, data_format, 4, 4, groups)
+    y_sizes = (6, 7, 4)[:n]
+    y_shape = (2, 4, *y_sizes) if data_format == CF else (2, *y_sizes, 4)
+    g = rng.standard_normal(y_shape)
+    xt = jax.jit(functools.partial(conv_transpose, output_padding=out_pad, **kw))(g, w)
+    x = rng.standard_normal(xt.shape)
+    y, pullback = jax.vjp(lambda x: conv(x, w, **kw), x)
+    chex.assert_shape(y, g.shape)  # conv maps the adjoint's output shape back to y's shape
+    np.testing.assert_allclose(xt, pullback(g)[0], rtol=1e-12, atol=1e-12)
+    # <conv(x), g> == <x, conv_transpose(g)>, independently of autodiff
+    np.testing.assert_allclose(jnp.vdot(y, g), jnp.vdot(x, xt), rtol=1e-12)
+
+
+def test_same_transpose_output_size():
+    w = jnp.ones((3, 3, 2, 2), jnp.float32)
+    y = jnp.ones((1, 5, 4, 2), jnp.float32)
+    out = conv_transpose(y, w, stride=(2, 3), padding="SAME")
+    chex.assert_shape(out, (1, 10, 12, 2))
+    assert conv_output_size((10, 12), 3, stride=(2, 3), padding="SAME") == (5, 4)
+
+
+GRAD_CASES = [
+    dict(n=2, data_format=CL, stride=2, padding=((1, 0), (0, 2)), dilation=(1, 2), groups=2),
+    dict(n=1, data_format=CF, stride=1, padding=2, dilation=2, groups=1, padding_mode="reflect"),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c['n']}d-{c['data_format']}")
+def test_conv_check_grads(case):
+    case = dict(case)
+    n, data_format = case.pop("n"), case["data_format"]
+    rng = _rng("check_grads", n, data_format)
+    sizes = (5, 4)[:n]
+    x = rng.standard_normal((1, 4, *sizes) if data_format == CF else (1, *sizes, 4))
+    w = _conv_weight(rng, n, data_format, 4, 2, case["groups"], kernel=2)
+    b = rng.standard_normal(2)
+    check_grads(
+        lambda x, w, b: conv(x, w, bias=b, **case), (x, w, b), order=2, modes=("fwd", "rev")
+    )
+
+
+def test_conv_transpose_check_grads():
+    rng = _rng("check_grads_t")
+    y = rng.standard_normal((1, 4, 3, 2))
+    w = _conv_weight(rng, 2, CF, 4, 4, 2, kernel=2)
+    b = rng.standard_normal(4)
+    kw = dict(stride=2, padding=(1, 0), output_padding=(1, 0), groups=2, data_format=CF)
+    fn = lambda y, w, b: conv_transpose(y, w, bias=b, **kw)  # noqa: E731
+    check_grads(fn, (y, w, b), order=2, modes=("fwd", "rev"))
+
+
+def test_hessian_matches_torch():
+    rng = _rng("hessian")
+    x = rng.standard_normal((1, 2, 5, 4))
+    w = rng.standard_normal((2, 1, 2, 3))
+
+    def loss(w):
+        return jnp.sum(jnp.tanh(conv(x, w, stride=2, padding=1, groups=2, data_format=CF)))
+
+    def torch_loss(w):
+        return torch.tanh(F.conv2d(torch.tensor(x), w, stride=2, padding=1, groups=2)).sum()
+
+    want = torch.autograd.functional.hessian(torch_loss, torch.tensor(w)).numpy()
+    np.testing.assert_allclose(jax.jit(jax.hessian(loss))(w), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"),
+    [(jnp.float16, 2e-3), (jnp.bfloat16, 2e-2), (jnp.float32, 1e-5), (jnp.float64, 1e-12)],
+)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_dtypes(dtype, rtol, transpose):
+    rng = _rng("dtype", transpose)
+    # inputs exactly representable in `dtype`; PyTorch float64 on the same values is the reference
+    x, w, b = (
+        np.asarray(jnp.asarray(rng.uniform(-1, 1, shape), dtype), np.float64)
+        for shape in ((2, 4, 6, 5), (4, 2, 3, 3), (4,))
+    )
+    kw = dict(stride=2, padding=1, groups=2, dilation=1)
+    if transpose:
+        fn, kw["output_padding"] = conv_transpose, 1
+        ref, g, grads = _torch_conv_t(x, w, b, "dtype", g_dtype=dtype, **kw)
+    else:
+        fn = conv
+        ref, g, grads = _torch_conv(x, w, b, "dtype", g_dtype=dtype, padding_mode="zeros", **kw)
+    args = (jnp.asarray(a, dtype) for a in (x, w, b, g))
+    out, got_grads = _jax_vjp(fn, *args, data_format=CF, **kw)
+    chex.assert_type([out, *got_grads], dtype)
+    for got, want in zip((out, *got_grads), (ref, *grads), strict=True):
+        _assert_close(np.asarray(got, np.float64), want, rtol=rtol)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("data_format", [CF, CL])
+def test_batch_axes_and_vmap(transpose, data_format):
+    rng = _rng("batch", transpose, data_format)
+    # x has 4 channels: the input of a 4 -> 6 conv, or the output side of a 6 -> 4 conv
+    w = _conv_weight(rng, 2, data_format, 6 if transpose else 4, 4 if transpose else 6, 2)
+    fn = conv_transpose if transpose else conv
+    kw = dict(stride=2, padding=1, groups=2, data_format=data_format)
+    f = jax.jit(lambda x: fn(x, w, **kw))
+    x = rng.standard_normal((3, 2, 4, 5, 6) if data_format == CF else (3, 2, 5, 6, 4))
+    flat = f(x.reshape((6, *x.shape[2:])))
+    many = f(x)
+    chex.assert_shape(many, (3, 2, *flat.shape[1:]))
+    np.testing.assert_allclose(many.reshape(flat.shape), flat, rtol=1e-12)
+    np.testing.assert_allclose(f(x[1, 0]), flat[2], rtol=1e-12)  # no batch axis
+    np.testing.assert_allclose(jax.vmap(f)(x), many, rtol=1e-12)
+    # vmap over the weight: one convolution per kernel
+    ws = jnp.stack([w, 2 * w])
+    per_w = jax.jit(jax.vmap(lambda w: fn(x[0], w, **kw)))(ws)
+    np.testing.assert_allclose(per_w[1], 2 * per_w[0], rtol=1e-12)
+    np.testing.assert_allclose(per_w[0], many[0], rtol=1e-12)
+
+
+def _lax_direct(x, w, stride, padding, dilation, groups, specs):
+    return lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=stride,
+        padding=padding,
+        rhs_dilation=dilation,
+        dimension_numbers=specs,
+        feature_group_count=groups,
+    )
+
+
+@pytest.mark.parametrize("data_format", [CF, CL])
+def test_same_program_as_lax(data_format):
+    x = jnp.ones((2, 8, 9, 10) if data_format == CF else (2, 9, 10, 8), jnp.float32)
+    w = jnp.ones((4, 4, 3, 2) if data_format == CF else (3, 2, 4, 4), jnp.float32)
+    specs = ("NCHW", "OIHW", "NCHW") if data_format == CF else ("NHWC", "HWIO", "NHWC")
+    ours = jax.make_jaxpr(
+        lambda x, w: conv(
+            x,
+            w,
+            stride=(2, 1),
+            padding=[(1, 0), (1, 1)],
+            dilation=(1, 2),
+            groups=2,
+            data_format=data_format,
+        )
+    )(x, w)
+    theirs = jax.make_jaxpr(
+        lambda x, w: _lax_direct(x, w, (2, 1), ((1, 0), (1, 1)), (1, 2), 2, specs)
+    )(x, w)
+    assert str(ours) == str(theirs)
+    # extra batch axes add reshapes only; never a transpose
+    eqns = jax.make_jaxpr(lambda x: conv(x, w, groups=2, data_format=data_format))(x[None]).eqns
+    assert {e.primitive.name for e in eqns} == {"reshape", "conv_general_dilated"}
+
+
+_X = np.ones((2, 6, 6, 4), np.float32)
+_W = np.ones((3, 3, 2, 6), np.float32)
+_CONV_ERRORS = [
+    (dict(x=_X, w=np.ones((3, 4), np.float32)), ValueError, "`w`"),
+    (dict(x=np.ones((4,), np.float32), w=_W), ValueError, "`x`"),
+    (dict(x=_X, w=_W, groups=3), ValueError, "channels of `x`"),
+    (dict(x=_X, w=_W), ValueError, "per group"),
+    (dict(x=_X, w=np.ones((3, 3, 1, 6), np.float32), groups=4), ValueError, "output channels"),
+    (dict(x=_X, w=_W, groups=0), ValueError, "`groups`"),
+    (dict(x=_X, w=_W, groups=2.0), TypeError, "`groups`"),
+    (dict(x=_X, w=_W, groups=2, padding_mode="mirror"), ValueError, "`padding_mode`"),
+    (dict(x=_X, w=_W, groups=2, data_format="NHWC"), ValueError, "`data_format`"),
+    (dict(x=_X, w=np.ones((7, 3, 2, 6), np.float32), groups=2), ValueError, "window"),
+    (dict(x=_X, w=_W, groups=2, bias=np.ones(4, np.float32)), ValueError, "`bias`"),
+    (dict(x=_X, w=_W, groups=2, bias=np.ones(6, np.float64)), TypeError, "`bias`"),
+    (dict(x=_X, w=_W.astype(np.float64), groups=2), TypeError, "same dtype"),
+    (dict(x=_X.astype(np.int32), w=_W, groups=2), TypeError, "`x`"),
+    (dict(x=_X, w=_W, groups=2, stride=0), ValueError, "`stride`"),
+    (dict(x=_X, w=_W, groups=2, dilation=(1,)), ValueError, "`dilation`"),
+    (dict(x=_X, w=_W, groups=2, padding="HALF"), ValueError, "`padding`"),
+    (dict(x=_X, w=_W, groups=2, padding=-1), ValueError, "`padding`"),
+    (dict(x=_X, w=_W, groups=2, padding=6, padding_mode="reflect"), ValueError, "reflect"),
+    (dict(x=_X, w=_W, groups=2, padding=7, padding_mode="circular"), ValueError, "circular"),
+    (dict(x=_X, w=np.ones((0, 3, 2, 6), np.float32), groups=2), ValueError, "kernel"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "what"), _CONV_ERRORS)
+def test_conv_errors(kwargs, error, what):
+    with pytest.raises(error, match=r"^conv: .*" + what.replace("`", r"\`")) as info:
+        jax.jit(
+            lambda x, w: conv(x, w, **{k: v for k, v in kwargs.items() if k not in ("x", "w")})
+        )(kwargs["x"], kwargs["w"])
+    assert "conv_general_dilated" not in str(info.value)
+
+
+_Y = np.ones((2, 3, 3, 6), np.float32)
+_CONV_T_ERRORS = [
+    (dict(y=_Y, w=np.ones((3, 3, 2, 4), np.float32), groups=2), ValueError, "channels"),
+    (dict(y=_Y, w=_W, groups=4), ValueError, "divisible"),
+    (dict(y=_Y, w=_W, groups=2, output_padding=1), ValueError, "`output_padding`"),
+    (dict(y=_Y, w=_W, groups=2, stride=2, output_padding=2), ValueError, "`output_padding`"),
+    (dict(y=_Y, w=_W, groups=2, stride=2, padding="SAME", output_padding=1), ValueError, "SAME"),
+    (dict(y=_Y, w=_W, groups=2, padding="HALF"), ValueError, "`padding`"),
+    (dict(y=_Y, w=_W, groups=2, padding=3), ValueError, "padding"),
+    (dict(y=_Y, w=_W, groups=2, bias=np.ones(6, np.float32)), ValueError, "`bias`"),
+    (dict(y=_Y[0, 0], w=_W, groups=2), ValueError, "`y`"),
+    (dict(y=_Y, w=_W.astype(np.float16), groups=2), TypeError, "same dtype"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "what"), _CONV_T_ERRORS)
+def test_conv_transpose_errors(kwargs, error, what):
+    with pytest.raises(error, match=r"^conv_transpose: .*" + what.replace("`", r"\`")):
+        rest = {k: v for k, v in kwargs.items() if k not in ("y", "w")}
+        jax.jit(lambda y, w: conv_transpose(y, w, **rest))(kwargs["y"], kwargs["w"])
