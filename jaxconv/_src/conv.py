@@ -175,13 +175,13 @@ def _pad_mode(fname: str, x, layout: _Layout, pads, padding_mode):
     for size, (lo, hi) in zip(layout.sizes, pads, strict=True):
         if padding_mode == "reflect" and max(lo, hi) >= size:
             raise ValueError(
-                f"{fname}: padding_mode='reflect' needs padding smaller than the input size on "
-                f"every spatial axis, got padding ({lo}, {hi}) for size {size}."
+                f"{fname}: with padding_mode='reflect', `padding` must be smaller than the input "
+                f"size on every spatial axis, got ({lo}, {hi}) for size {size}."
             )
         if padding_mode == "circular" and max(lo, hi) > size:
             raise ValueError(
-                f"{fname}: padding_mode='circular' needs padding at most the input size on every "
-                f"spatial axis (it wraps around once), got padding ({lo}, {hi}) for size {size}."
+                f"{fname}: with padding_mode='circular', `padding` must be at most the input size "
+                f"on every spatial axis (it wraps around once), got ({lo}, {hi}) for size {size}."
             )
     config = [(0, 0)] * x.ndim
     for axis, pad in zip(layout.spatial_axes, pads, strict=True):
