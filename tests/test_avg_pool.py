@@ -1,0 +1,212 @@
+"""avg_pool against PyTorch's avg_pool{1,2,3}d and a numpy reference written from the definition."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.test_util import check_grads
+
+import jaxconv
+
+TORCH_AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+SEED_C = np.array([[109, 92, 72], [108, 85, 74], [110, 74, 79]], np.float64)
+
+
+def to_layout(x_cf: np.ndarray, data_format: str) -> np.ndarray:
+    """An (N, C, *spatial) array in ``data_format``."""
+    return x_cf if data_format == "channels_first" else np.moveaxis(x_cf, 1, -1)
+
+
+def from_layout(y: np.ndarray, data_format: str) -> np.ndarray:
+    return y if data_format == "channels_first" else np.moveaxis(y, -1, 1)
+
+
+def out_size(i, k, s, pad, ceil_mode):
+    """PyTorch's pooling output size (Pool.h) with padding ``(lo, hi)``."""
+    lo, hi = pad
+    out = (i + lo + hi - k + (s - 1 if ceil_mode else 0)) // s + 1
+    return out - 1 if ceil_mode and (out - 1) * s >= i + lo else out
+
+
+def reference_avg(x_cf, window, stride, pads, ceil_mode, count_include_pad, divisor_override):
+    """Average pooling of an (N, C, *spatial) array, straight from the definition."""
+    sizes = x_cf.shape[2:]
+    outs = [
+        out_size(i, k, s, p, ceil_mode)
+        for i, k, s, p in zip(sizes, window, stride, pads, strict=True)
+    ]
+    y = np.zeros(x_cf.shape[:2] + tuple(outs))
+    for o in itertools.product(*(range(n) for n in outs)):
+        ranges, div = [], 1
+        for oi, i, k, s, (lo, hi) in zip(o, sizes, window, stride, pads, strict=True):
+            start = oi * s - lo
+            pos = [q for q in range(start, start + k) if 0 <= q < i]
+            ranges.append(pos)
+            low, high = (-lo, i + hi) if count_include_pad else (0, i)
+            div *= min(start + k, high) - max(start, low)
+        block = x_cf[(slice(None), slice(None), *np.ix_(*ranges))]
+        total = block.reshape((*block.shape[:2], -1)).sum(-1)
+        y[(slice(None), slice(None), *o)] = total / (divisor_override or div)
+    return y
+
+
+# (n, window, stride, padding, ceil_mode, count_include_pad, divisor_override, data_format):
+# a sample of the grid that covers every feature on every dimensionality.
+TORCH_CASES = [
+    (1, (3,), None, 0, False, True, None, "channels_last"),
+    (1, (4,), (2,), 2, True, False, None, "channels_first"),
+    (1, (3,), (1,), 1, False, False, None, "channels_last"),
+    (1, (5,), (3,), 2, True, True, None, "channels_last"),
+    (2, (2, 2), None, 0, False, True, None, "channels_last"),
+    (2, (3, 3), (1, 1), 1, False, True, None, "channels_last"),
+    (2, (3, 3), (2, 2), 1, True, False, None, "channels_first"),
+    (2, (3, 2), (2, 1), (1, 0), True, True, None, "channels_last"),
+    (2, (3, 3), (2, 2), 1, False, True, 5, "channels_first"),
+    (2, (4, 3), (3, 2), (2, 1), True, False, 7, "channels_last"),
+    (2, (1, 1), (2, 2), 0, True, True, None, "channels_first"),
+    (3, (2, 2, 2), None, 0, False, True, None, "channels_last"),
+    (3, (3, 3, 3), (2, 2, 2), 1, True, False, None, "channels_first"),
+    (3, (3, 2, 3), (1, 2, 2), (1, 1, 0), True, True, 3, "channels_last"),
+    (3, (2, 3, 2), (2, 1, 3), (1, 0, 1), False, False, None, "channels_last"),
+]
+SPATIAL = {1: (11,), 2: (9, 8), 3: (7, 6, 5)}
+
+
+def _jax_avg(window, stride, padding, ceil_mode, cip, div, data_format):
+    def f(x):
+        return jaxconv.avg_pool(
+            x,
+            window,
+            stride,
+            padding,
+            ceil_mode=ceil_mode,
+            count_include_pad=cip,
+            divisor_override=div,
+            data_format=data_format,
+        )
+
+    return f
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=str)
+def test_matches_torch_forward_and_input_gradient(case):
+    n, window, stride, padding, ceil_mode, cip, div, data_format = case
+    rng = np.random.default_rng(n)
+    x_cf = rng.standard_normal((2, 3, *SPATIAL[n])).astype(np.float32)
+    xt = torch.tensor(x_cf, requires_grad=True)
+    kwargs = {"ceil_mode": ceil_mode, "count_include_pad": cip}
+    if div is not None:
+        kwargs["divisor_override"] = div
+    yt = TORCH_AVG[n](xt, window, stride or window, padding, **kwargs)
+    g_cf = rng.standard_normal(yt.shape).astype(np.float32)
+    yt.backward(torch.tensor(g_cf))
+
+    f = _jax_avg(window, stride, padding, ceil_mode, cip, div, data_format)
+    y, vjp = jax.vjp(jax.jit(f), jnp.asarray(to_layout(x_cf, data_format)))
+    (dx,) = vjp(jnp.asarray(to_layout(g_cf, data_format)))
+    chex.assert_shape(y, to_layout(np.zeros(yt.shape), data_format).shape)
+    chex.assert_type([y, dx], jnp.float32)
+    np.testing.assert_allclose(from_layout(np.asarray(y), data_format), yt.detach(), atol=1e-5)
+    np.testing.assert_allclose(from_layout(np.asarray(dx), data_format), xt.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("window", "stride", "padding", "ceil_mode", "cip", "div"),
+    [
+        ((3, 3), (2, 2), ((1, 0), (0, 1)), False, True, None),
+        ((3, 3), (2, 2), ((1, 0), (0, 1)), True, False, None),
+        ((4, 2), (3, 1), ((0, 2), (1, 0)), True, True, None),
+        ((3, 3), (2, 2), "SAME", False, True, None),
+        ((3, 3), (2, 2), "SAME", False, False, None),
+        ((4, 3), (1, 2), "SAME", True, True, 4),
+        ((2, 2), None, "VALID", True, True, None),
+    ],
+)
+def test_asymmetric_and_same_padding_match_the_definition(
+    window, stride, padding, ceil_mode, cip, div
+):
+    x_cf = np.random.default_rng(0).standard_normal((2, 3, 9, 8))
+    f = jax.jit(_jax_avg(window, stride, padding, ceil_mode, cip, div, "channels_first"))
+    y = np.asarray(f(jnp.asarray(x_cf)))
+    strides = stride or window
+    pads = jaxconv._src.arithmetic.resolve_padding(
+        "test", padding, 2, kernel=window, stride=strides, dilation=(1, 1), in_sizes=(9, 8)
+    )
+    expected = reference_avg(x_cf, window, strides, pads, ceil_mode, cip, div)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("shape", "window", "stride", "padding", "ceil_mode", "cip"),
+    [
+        ((1, 7, 2), (3,), (2,), 1, True, False),
+        ((2, 6, 5, 2), (3, 2), (2, 1), 1, False, True),
+        ((1, 4, 4, 3, 1), (2, 2, 3), (2, 1, 2), (1, 0, 1), True, False),
+    ],
+)
+def test_check_grads_forward_and_reverse_order_2(shape, window, stride, padding, ceil_mode, cip):
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(shape))
+
+    def f(x):
+        return jaxconv.avg_pool(
+            x, window, stride, padding, ceil_mode=ceil_mode, count_include_pad=cip
+        )
+
+    check_grads(jax.jit(f), (x,), order=2, modes=["fwd", "rev"])
+
+
+def test_seed_average_pool_of_c_is_the_window_mean():
+    c = jnp.asarray(SEED_C)[..., None]
+    y = jax.jit(lambda c: jaxconv.avg_pool(c, (2, 2), 1))(c)
+    chex.assert_shape(y, (2, 2, 1))
+    windows = np.lib.stride_tricks.sliding_window_view(SEED_C, (2, 2))
+    np.testing.assert_allclose(y[..., 0], windows.mean(axis=(-1, -2)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_accumulates_in_float32(dtype):
+    x = np.random.default_rng(2).uniform(30000, 60000, (2, 6, 6, 3)).astype(np.float32)
+    f = jax.jit(lambda x: jaxconv.avg_pool(x, (3, 3), 1, 1))
+    y = f(jnp.asarray(x, dtype))
+    chex.assert_type(y, dtype)
+    chex.assert_tree_all_finite(y)
+    expected = f(jnp.asarray(jnp.asarray(x, dtype), jnp.float32))
+    np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=1e-2)
+
+
+def test_vmap_and_batch_axes():
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 2, 8, 8, 3)), jnp.float32)
+    f = jax.jit(lambda x: jaxconv.avg_pool(x, (2, 2), 2, 1, count_include_pad=False))
+    y = f(x)
+    chex.assert_shape(y, (4, 2, 5, 5, 3))
+    np.testing.assert_allclose(jax.vmap(f)(x), y, rtol=1e-6)
+    np.testing.assert_allclose(f(x[0, 0]), y[0, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"divisor_override": 0}, ValueError, "divisor_override"),
+        ({"divisor_override": 2.0}, ValueError, "divisor_override"),
+        ({"count_include_pad": 1}, TypeError, "count_include_pad"),
+        ({"padding": 2}, ValueError, "padding"),
+        ({"data_format": "NHWC"}, ValueError, "data_format"),
+        ({"window": 2}, TypeError, "window"),
+        ({"stride": (1, 0)}, ValueError, "stride"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    args = {"window": (3, 3), **kwargs}
+    x = jnp.zeros((1, 6, 6, 2))
+    with pytest.raises(error, match=rf"avg_pool.*{match}"):
+        jaxconv.avg_pool(x, **args)
+
+
+def test_integer_input_is_rejected():
+    with pytest.raises(TypeError, match=r"avg_pool.*floating"):
+        jaxconv.avg_pool(jnp.zeros((1, 4, 4, 1), jnp.int32), (2, 2))
