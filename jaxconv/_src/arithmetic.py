@@ -87,15 +87,15 @@ def pool_output_size_1d(fname, in_size, kernel, stride, pad, dilation, ceil_mode
     lo, hi = pad
     span = dilation * (kernel - 1) + 1
     room = in_size + lo + hi - span
-    if room < 0:
+    out = (room + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= in_size + lo:
+        out -= 1
+    if room < 0 and (out < 1 or not ceil_mode):
         raise ValueError(
             f"{fname}: the window (kernel {kernel}, dilation {dilation}, span {span}) is larger "
             f"than the padded input ({in_size} + padding {lo} + {hi} = {in_size + lo + hi}) "
             "on some spatial axis."
         )
-    out = (room + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= in_size + lo:
-        out -= 1
     return out
 
 
