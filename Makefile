@@ -26,8 +26,14 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m bench --quick
 
+FUZZ_EXAMPLES ?= 10000
+FUZZ_REPORT ?= $(or $(TMPDIR),/tmp)/jaxconv-fuzz-report
+
 fuzz: $(STAMP)
-	JAXCONV_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q -n 2 tests/test_fuzz.py -p no:cacheprovider -s
+	rm -rf $(FUZZ_REPORT)
+	JAXCONV_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) JAXCONV_FUZZ_REPORT=$(FUZZ_REPORT) \
+	  $(PY) -m pytest -q -n 2 tests/test_fuzz.py -p no:cacheprovider; status=$$?; \
+	  $(PY) tests/fuzz_support.py $(FUZZ_REPORT); exit $$status
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
