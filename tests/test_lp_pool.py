@@ -1,0 +1,263 @@
+"""lp_pool: PyTorch where the definitions agree, a reference from the definition, the seed's
+identities, the derivative rule (x and p) and its stability."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax import lax
+from jax.test_util import check_grads
+
+import jaxconv
+
+TORCH_LP = {1: F.lp_pool1d, 2: F.lp_pool2d, 3: F.lp_pool3d}
+SEED_C = np.array([[109, 92, 72], [108, 85, 74], [110, 74, 79]], np.float64)
+SPATIAL = {1: (12,), 2: (8, 9), 3: (6, 6, 5)}
+
+
+def to_layout(x_cf, data_format):
+    return x_cf if data_format == "channels_first" else np.moveaxis(x_cf, 1, -1)
+
+
+def from_layout(y, data_format):
+    return y if data_format == "channels_first" else np.moveaxis(y, -1, 1)
+
+
+def reference_lp(x_cf, p, window, stride, pads, dilation, ceil_mode):
+    """The p-norm of the in-bounds elements of every window of an (N, C, *spatial) array."""
+    sizes = x_cf.shape[2:]
+    outs = []
+    for i, k, s, (lo, hi), d in zip(sizes, window, stride, pads, dilation, strict=True):
+        out = (i + lo + hi - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+        outs.append(out - 1 if ceil_mode and (out - 1) * s >= i + lo else out)
+    y = np.zeros(x_cf.shape[:2] + tuple(outs))
+    for o in itertools.product(*(range(n) for n in outs)):
+        ranges = [
+            [q for q in range(oi * s - lo, oi * s - lo + d * k, d) if 0 <= q < i]
+            for oi, i, k, s, (lo, _), d in zip(
+                o, sizes, window, stride, pads, dilation, strict=True
+            )
+        ]
+        block = np.abs(x_cf[(slice(None), slice(None), *np.ix_(*ranges))])
+        block = block.reshape((*block.shape[:2], -1))
+        value = block.max(-1) if np.isinf(p) else (block**p).sum(-1) ** (1 / p)
+        y[(slice(None), slice(None), *o)] = value
+    return y
+
+
+def _lp(p, window, stride=None, padding=0, dilation=1, ceil_mode=False, fmt="channels_last"):
+    def f(x, p=p):
+        return jaxconv.lp_pool(
+            x, p, window, stride, padding, dilation=dilation, ceil_mode=ceil_mode, data_format=fmt
+        )
+
+    return f
+
+
+# (n, p, window, stride, data_format, positive): torch agrees for x >= 0, or even p on any x.
+TORCH_CASES = [
+    (1, 2.0, (3,), (2,), "channels_last", False),
+    (1, 1.5, (4,), None, "channels_first", True),
+    (2, 2.0, (2, 2), None, "channels_last", False),
+    (2, 4.0, (3, 3), (2, 2), "channels_first", False),
+    (2, 1.0, (3, 2), (1, 2), "channels_last", True),
+    (2, 3.0, (2, 3), (2, 1), "channels_last", True),
+    (3, 2.0, (2, 2, 2), None, "channels_last", False),
+    (3, 2.5, (3, 2, 2), (1, 2, 1), "channels_first", True),
+    (2, float("inf"), (3, 2), (2, 2), "channels_first", False),
+]
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=str)
+def test_matches_torch_where_the_definitions_agree(case):
+    n, p, window, stride, fmt, positive = case
+    rng = np.random.default_rng(n)
+    x_cf = rng.standard_normal((2, 3, *SPATIAL[n])).astype(np.float32)
+    if positive:
+        x_cf = np.abs(x_cf) + 0.1
+    xt = torch.tensor(x_cf, requires_grad=True)
+    if n == 1:  # lp_pool1d takes ints
+        yt = TORCH_LP[n](xt, p, window[0], stride and stride[0])
+    else:
+        yt = TORCH_LP[n](xt, p, window, stride)
+    g_cf = rng.standard_normal(yt.shape).astype(np.float32)
+    yt.backward(torch.tensor(g_cf))
+
+    y, vjp = jax.vjp(jax.jit(_lp(p, window, stride, fmt=fmt)), jnp.asarray(to_layout(x_cf, fmt)))
+    (dx,) = vjp(jnp.asarray(to_layout(g_cf, fmt)))
+    chex.assert_type([y, dx], jnp.float32)
+    chex.assert_shape(y, to_layout(np.zeros(yt.shape), fmt).shape)
+    np.testing.assert_allclose(from_layout(np.asarray(y), fmt), yt.detach(), rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(from_layout(np.asarray(dx), fmt), xt.grad, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("p", "window", "stride", "padding", "dilation", "ceil_mode"),
+    [
+        (3.0, (3, 3), (2, 2), 1, (1, 1), True),
+        (1.5, (2, 3), (3, 2), ((1, 0), (0, 1)), (2, 1), True),
+        (2.0, (3, 2), (1, 2), "SAME", (1, 2), False),
+        (float("inf"), (3, 3), (2, 2), (1, 0), (2, 1), True),
+        (1.0, (2, 2), (2, 2), 0, (1, 1), True),
+    ],
+)
+def test_padding_dilation_and_partial_windows_match_the_definition(
+    p, window, stride, padding, dilation, ceil_mode
+):
+    x_cf = np.random.default_rng(0).standard_normal((2, 3, 9, 7))
+    y = jax.jit(_lp(p, window, stride, padding, dilation, ceil_mode, "channels_first"))(x_cf)
+    pads = jaxconv._src.arithmetic.resolve_padding(
+        "test", padding, 2, kernel=window, stride=stride, dilation=dilation, in_sizes=(9, 7)
+    )
+    expected = reference_lp(x_cf, p, window, stride, pads, dilation, ceil_mode)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-12)
+
+
+def test_seed_identity_p1_is_window_size_times_average():
+    c = jnp.asarray(SEED_C)[..., None]
+    lp1 = jax.jit(_lp(1.0, (2, 2), 1))(c)
+    avg = jaxconv.avg_pool(c, (2, 2), 1)
+    np.testing.assert_allclose(lp1, 4 * avg, rtol=1e-14)
+    x = jnp.asarray(np.random.default_rng(4).uniform(0, 5, (2, 3, 7, 6, 4)))
+    lp1 = jax.jit(_lp(1.0, (2, 3, 2), 1))(x)
+    np.testing.assert_allclose(lp1, 12 * jaxconv.avg_pool(x, (2, 3, 2), 1), rtol=1e-13)
+
+
+def test_seed_identity_large_p_tends_to_max_pooling():
+    c = jnp.asarray(SEED_C)[..., None]
+    expected_max = lax.reduce_window(c, -jnp.inf, lax.max, (2, 2, 1), (1, 1, 1), "VALID")
+    np.testing.assert_array_equal(expected_max[..., 0], [[109, 92], [110, 85]])
+    gaps = []
+    for p in [1.0, 2.0, 4.0, 16.0, 64.0]:
+        y = jax.jit(_lp(p, (2, 2), 1))(c)
+        assert np.all(y >= expected_max) and np.all(y <= 4 ** (1 / p) * expected_max)
+        gaps.append(float(jnp.max(y - expected_max)))
+    assert all(a > b for a, b in itertools.pairwise(gaps))
+    np.testing.assert_array_equal(jax.jit(_lp(float("inf"), (2, 2), 1))(c), expected_max)
+
+
+def test_gradient_with_respect_to_p_matches_finite_differences():
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 7, 6, 3)))
+    f = jax.jit(lambda x, p: jnp.sum(_lp(p, (3, 2), (2, 1), 1, ceil_mode=True)(x) ** 2))
+    for p in [1.0, 2.5, 7.0]:
+        h = 1e-6
+        fd = (f(x, jnp.float64(p + h)) - f(x, jnp.float64(p - h))) / (2 * h)
+        grad = jax.grad(f, argnums=1)(x, jnp.float64(p))
+        np.testing.assert_allclose(grad, fd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.5])
+def test_check_grads_reverse_order_2_static_p(p):
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 6, 5, 2)))
+    check_grads(jax.jit(_lp(p, (3, 2), (2, 1), 1, dilation=(1, 2))), (x,), 2, modes=["rev"])
+
+
+def test_check_grads_reverse_order_2_traced_p():
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 7, 2)))
+    f = jax.jit(lambda x, p: jaxconv.lp_pool(x, p, (3,), 2, 1, ceil_mode=True))
+    check_grads(f, (x, jnp.float64(2.7)), 2, modes=["rev"])
+
+
+def test_check_grads_p_inf_and_gradient_goes_to_the_first_max_abs():
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 6, 6, 2)))
+    check_grads(jax.jit(_lp(float("inf"), (2, 3), 1)), (x,), 1, modes=["rev"])
+    ties = jnp.array([[-3.0, 3.0], [3.0, -3.0]]).reshape(1, 2, 2, 1)
+    g = jax.grad(lambda x: jnp.sum(_lp(float("inf"), (2, 2))(x)))(ties)
+    np.testing.assert_array_equal(g[0, ..., 0], [[-1.0, 0.0], [0.0, 0.0]])
+    ties = jnp.array([[1.0, -2.0], [2.0, -2.0]]).reshape(1, 2, 2, 1)
+    g = jax.grad(lambda x: jnp.sum(_lp(float("inf"), (2, 2))(x)))(ties)
+    np.testing.assert_array_equal(g[0, ..., 0], [[0.0, -1.0], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, float("inf"), "traced"])
+def test_all_zero_windows_give_zero_value_and_gradient(p):
+    x = jnp.zeros((1, 4, 4, 2), jnp.float32).at[0, 0, 0, 0].set(2.0)
+    p_arg = jnp.float32(3.0) if p == "traced" else p
+    f = jax.jit(lambda x, q: jnp.sum(jaxconv.lp_pool(x, q, (2, 2))))
+    value = jaxconv.lp_pool(x, p_arg, (2, 2))
+    assert value[0, 0, 0, 0] == 2.0 and jnp.all(value.at[0, 0, 0, 0].set(0) == 0)
+    if p == "traced":
+        gx, gp = jax.grad(f, argnums=(0, 1))(x, p_arg)
+        assert np.isfinite(gp)
+        gx2, gp2 = jax.grad(f, argnums=(0, 1))(jnp.zeros_like(x), p_arg)
+        assert gp2 == 0 and jnp.all(gx2 == 0)
+    else:
+        gx = jax.grad(f)(x, p_arg)
+    chex.assert_tree_all_finite(gx)
+    np.testing.assert_array_equal(gx, jnp.zeros_like(x).at[0, 0, 0, 0].set(1.0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_does_not_overflow(dtype):
+    x = jnp.full((1, 2, 2, 1), 300, dtype)
+    y = jax.jit(_lp(2.0, (2, 2)))(x)
+    chex.assert_type(y, dtype)
+    np.testing.assert_allclose(np.float32(y[0, 0, 0, 0]), 600.0, rtol=1e-2)
+    g = jax.grad(lambda x: jnp.sum(_lp(2.0, (2, 2))(x).astype(jnp.float32)))(x)
+    chex.assert_type(g, dtype)
+    np.testing.assert_allclose(np.asarray(g, np.float32), 0.5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("p", [64.0, 256.0])
+def test_large_p_is_finite_and_close_to_the_max(p):
+    x = np.random.default_rng(9).uniform(-1e30, 1e30, (1, 6, 6, 2)).astype(np.float32)
+    y = jax.jit(_lp(p, (3, 3), 3))(x)
+    expected = reference_lp(np.moveaxis(x, -1, 1).astype(np.float64) / 1e30, p, (3, 3), (3, 3),
+                            ((0, 0), (0, 0)), (1, 1), False) * 1e30  # fmt: skip
+    np.testing.assert_allclose(np.moveaxis(np.asarray(y), -1, 1), expected, rtol=1e-5)
+    g = jax.grad(lambda x, q: jnp.sum(jaxconv.lp_pool(x, q, (3, 3))), argnums=(0, 1))(
+        jnp.asarray(x), jnp.float32(p)
+    )
+    chex.assert_tree_all_finite(g)
+
+
+def test_jit_vmap_over_batch_and_over_p():
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((3, 2, 7, 7, 2)), jnp.float32)
+    f = jax.jit(lambda x, p: jaxconv.lp_pool(x, p, (3, 3), 2, 1))
+    y = f(x, jnp.float32(2.0))
+    chex.assert_shape(y, (3, 2, 4, 4, 2))
+    np.testing.assert_allclose(jax.vmap(f, (0, None))(x, jnp.float32(2.0)), y, rtol=1e-6)
+    ps = jnp.array([1.0, 2.0, 4.0], jnp.float32)
+    by_p = jax.vmap(f, (None, 0))(x[0], ps)
+    for i, p in enumerate([1.0, 2.0, 4.0]):
+        np.testing.assert_allclose(by_p[i], jaxconv.lp_pool(x[0], p, (3, 3), 2, 1), rtol=1e-5)
+    grads = jax.vmap(jax.grad(lambda p, x: jnp.sum(f(x, p))), (0, None))(ps, x[0])
+    chex.assert_shape(grads, (3,))
+    chex.assert_tree_all_finite(grads)
+
+
+def test_forward_mode_is_not_supported():
+    x = jnp.ones((1, 4, 4, 1))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(_lp(2.0, (2, 2)), (x,), (x,))
+
+
+@pytest.mark.parametrize(
+    ("p", "error", "match"),
+    [
+        (0.5, ValueError, ">= 1"),
+        (float("nan"), ValueError, ">= 1"),
+        (True, TypeError, "p"),
+        ("2", TypeError, "p"),
+        (jnp.array([2.0, 3.0]), TypeError, "scalar"),
+        (jnp.array(2), TypeError, "floating"),
+        (jnp.array(0.5), ValueError, ">= 1"),
+    ],
+)
+def test_bad_p_raises_clear_errors(p, error, match):
+    with pytest.raises(error, match=rf"lp_pool.*{match}"):
+        jaxconv.lp_pool(jnp.ones((1, 4, 4, 1)), p, (2, 2))
+
+
+def test_bad_x_and_window_arguments_raise_clear_errors():
+    with pytest.raises(TypeError, match=r"lp_pool.*floating"):
+        jaxconv.lp_pool(jnp.ones((1, 4, 4, 1), jnp.int32), 2.0, (2, 2))
+    with pytest.raises(ValueError, match=r"lp_pool.*padding"):
+        jaxconv.lp_pool(jnp.ones((1, 4, 4, 1)), 2.0, (2, 2), padding=2)
+    with pytest.raises(ValueError, match=r"lp_pool.*data_format"):
+        jaxconv.lp_pool(jnp.ones((1, 4, 4, 1)), 2.0, (2, 2), data_format="NCHW")
