@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 from jax.test_util import check_grads
 
@@ -183,6 +185,7 @@ CONV_T_CASES = [
     ((6,), (3,), 2, 3, 2, 1, 1, 1, 1, True),
     ((5,), (4,), 3, 6, 3, 0, 2, 1, 3, False),
     ((7,), (3,), 2, 2, 1, 2, 1, 2, 1, True),  # output_padding >= stride, < dilation
+    ((7,), (3,), 2, 2, 1, 3, 0, 1, 1, False),  # padding > d*(k-1): the adjoint crops
     ((5, 6), (3, 3), 2, 3, 2, 1, 1, 1, 1, True),
     ((4, 5), (3, 2), 4, 2, (2, 3), (0, 1), (1, 2), 1, 2, False),
     ((6, 5), (3, 3), 4, 4, 1, 0, 0, (2, 1), 4, True),
@@ -207,6 +210,49 @@ def test_conv_transpose_matches_torch(case):
     args = dict(stride=stride, output_padding=out_pad, dilation=dilation, groups=groups)
     ref, g, grads = _torch_conv_t(y, w, b, case, padding=torch_padding, **args)
     _compare_both_formats(conv_transpose, y, w, b, ref, g, grads, padding=padding, **args)
+
+
+@st.composite
+def _random_conv(draw):
+    """A random N-d grouped, strided, dilated, padded convolution PyTorch accepts."""
+    n = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(n))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(n))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(n))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(n))
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
+    sizes = tuple(
+        draw(st.integers(max(1, s - 2 * p), 7)) for s, p in zip(span, padding, strict=True)
+    )
+    return sizes, kernel, cin, cout, stride, padding, dilation, groups
+
+
+@settings(max_examples=10)
+@given(_random_conv(), st.data())
+def test_random_configurations_match_torch(config, data):
+    sizes, kernel, cin, cout, stride, padding, dilation, groups = config
+    rng = _rng("random", config)
+    x = rng.standard_normal((2, cin, *sizes))
+    w = rng.standard_normal((cout, cin // groups, *kernel))
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    n = len(sizes)
+    want = TORCH_CONV[n](torch.tensor(x), torch.tensor(w), **kw).numpy()
+    got = jax.jit(functools.partial(conv, data_format=CF, **kw))(x, w)
+    _assert_close(got, want, rtol=1e-12)
+    # the transposed convolution of that output, with an output_padding PyTorch accepts
+    out_pad = tuple(
+        data.draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True)
+    )
+    t_got = jax.jit(functools.partial(conv_transpose, output_padding=out_pad, data_format=CF, **kw))
+    try:
+        t_want = TORCH_CONV_T[n](torch.tensor(want), torch.tensor(w), output_padding=out_pad, **kw)
+    except RuntimeError:  # PyTorch: the output would be empty; jaxconv says so before XLA
+        with pytest.raises(ValueError, match=r"^conv_transpose: .*padding"):
+            t_got(want, w)
+        return
+    _assert_close(t_got(want, w), t_want.numpy(), rtol=1e-12)
 
 
 ADJOINT_CASES = [
