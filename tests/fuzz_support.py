@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 EXAMPLES = int(os.environ.get("JAXCONV_FUZZ_EXAMPLES", "30"))
-COUNT_MODE = EXAMPLES >= 1000
+COUNT_MODE = EXAMPLES >= 1000 or os.environ.get("JAXCONV_FUZZ_COUNT") == "1"
 REPORT_DIR = os.environ.get("JAXCONV_FUZZ_REPORT")
 OUTCOMES = ("agree", "reject", "reference")
 
@@ -250,12 +250,14 @@ def ref_lp(xt, p, wins, outs):
     return reduce_windows(xt, wins, outs, lambda v, _: (v.abs() ** p).sum(-1) ** (1.0 / p))
 
 
-def fractional_starts(size, out, k, u):
-    """PyTorch's pseudo-random interval starts for one axis and sample ``u`` (float64)."""
+def fractional_starts(size, out, k, u, dtype):
+    """PyTorch's pseudo-random interval starts for one axis and sample ``u``, in ``dtype``."""
     if out == 1:
         return [size - k]
-    alpha = (size - k) / (out - 1)
-    return [int((i + u) * alpha) - int(u * alpha) for i in range(out - 1)] + [size - k]
+    f = np.dtype(dtype).type
+    u = f(u)
+    alpha = f(size - k) / f(out - 1)
+    return [int((f(i) + u) * alpha) - int(u * alpha) for i in range(out - 1)] + [size - k]
 
 
 if __name__ == "__main__":

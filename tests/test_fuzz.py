@@ -11,6 +11,7 @@ draw, so nothing is cached between draws.
 """
 
 import dataclasses
+import itertools
 import math
 import re
 
@@ -24,6 +25,7 @@ from fuzz_support import (
     DisagreementError,
     close,
     cotangent,
+    fractional_starts,
     from_torch_layout,
     pool_out_size,
     reduce_windows,
@@ -572,3 +574,163 @@ def test_fuzz_avg_pool():
 def test_fuzz_lp_pool():
     _op("lp_pool")
     run_fuzz("lp_pool", pool_cases("lp"), check_pool)
+
+
+# --- adaptive pooling ---------------------------------------------------------------------------
+
+
+@st.composite
+def adaptive_cases(draw, kind):
+    c = draw(commons())
+    return {
+        "c": c,
+        "kind": kind,
+        "sizes": sizes_for(draw, c.n),
+        "output_size": tuple(draw(st.one_of(st.none(), st.integers(1, 8))) for _ in range(c.n)),
+    }
+
+
+def check_adaptive(case):
+    c, kind = case["c"], case["kind"]
+    fname = f"adaptive_{kind}_pool"
+    x = array(c, case["sizes"])
+    if kind == "max":
+
+        def fn(x):
+            return _op(fname)(
+                x, case["output_size"], return_indices=True, data_format=c.data_format
+            )
+
+    else:
+
+        def fn(x):
+            return _op(fname)(x, case["output_size"], data_format=c.data_format)
+
+    got, extra = run_jax(fname, fn, (x,))
+    xt = torch_in(x, c)
+    out = tuple(
+        i if o is None else o for o, i in zip(case["output_size"], case["sizes"], strict=True)
+    )
+    if kind == "max":
+        torch_fn = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)[c.n - 1]
+        res, err = torch_try(torch_fn, xt, out if c.n > 1 else out[0], True)
+    else:
+        torch_fn = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[c.n - 1]
+        res, err = torch_try(lambda: (torch_fn(xt, out if c.n > 1 else out[0]), None))
+    if err is not None or isinstance(got, Exception):
+        return settle(got, err, fname)
+    compare_pool(case, got, extra, res[0], res[1], [xt])
+    return "agree"
+
+
+def test_fuzz_adaptive_avg_pool():
+    _op("adaptive_avg_pool")
+    run_fuzz("adaptive_avg_pool", adaptive_cases("avg"), check_adaptive)
+
+
+def test_fuzz_adaptive_max_pool():
+    _op("adaptive_max_pool")
+    run_fuzz("adaptive_max_pool", adaptive_cases("max"), check_adaptive)
+
+
+# --- fractional max pooling ---------------------------------------------------------------------
+
+RATIOS = [0.3, 0.5, 0.6, 0.75, 0.9]
+
+
+@st.composite
+def fractional_cases(draw):
+    c = draw(commons())
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(c.n))
+    sizes = tuple(draw(st.integers(k, k + (5 if c.n < 3 else 3))) for k in kernel)
+    if draw(st.booleans()):
+        outs = tuple(draw(st.integers(1, i)) for i in sizes)
+        target = {"output_size": outs if c.n > 1 or draw(st.booleans()) else outs[0]}
+    else:
+        ratios = tuple(draw(st.sampled_from(RATIOS)) for _ in range(c.n))
+        target = {"output_ratio": ratios if draw(st.booleans()) else ratios[0]}
+    return {"c": c, "kernel": kernel, "sizes": sizes, "target": target}
+
+
+def fractional_outs(case):
+    n = case["c"].n
+    if "output_size" in case["target"]:
+        return per_axis(case["target"]["output_size"], n)
+    ratios = per_axis(case["target"]["output_ratio"], n)
+    return tuple(int(i * r) for i, r in zip(case["sizes"], ratios, strict=True))
+
+
+def fractional_reference(case, xt, samples, outs):
+    """Max and flat argmax over each (row, channel)'s own windows; float64 loops."""
+    c = case["c"]
+    flat = xt.reshape(xt.shape[0] * xt.shape[1], -1)
+    rows = samples.reshape(-1, c.n)
+    strides = [math.prod(case["sizes"][a + 1 :]) for a in range(c.n)]
+    values, indices = [], []
+    for r in range(flat.shape[0]):
+        axes = [
+            fractional_starts(i, o, k, rows[r, a], c.dtype)
+            for a, (i, o, k) in enumerate(zip(case["sizes"], outs, case["kernel"], strict=True))
+        ]
+        wins = []
+        for starts in itertools.product(*axes):
+            taps = itertools.product(
+                *[range(s0, s0 + k) for s0, k in zip(starts, case["kernel"], strict=True)]
+            )
+            wins.append([sum(t * s for t, s in zip(tap, strides, strict=True)) for tap in taps])
+        v, i = ref_max(flat[r][None, None], wins, outs)
+        values.append(v[0, 0])
+        indices.append(i[0, 0])
+    shape = (*xt.shape[:2], *outs)
+    return torch.stack(values).reshape(shape), torch.stack(indices).reshape(shape)
+
+
+def check_fractional(case):
+    c = case["c"]
+    rng = np.random.default_rng(c.seed)
+    x = array(c, case["sizes"], rng=rng)
+    samples = rng.uniform(size=(*c.batch, c.channels, c.n)).astype(c.dtype)
+
+    def fn(x, samples):
+        return _op("fractional_max_pool")(
+            x,
+            case["kernel"],
+            **case["target"],
+            samples=samples,
+            return_indices=True,
+            data_format=c.data_format,
+        )
+
+    got, extra = run_jax("fractional_max_pool", fn, (x,), (jnp.asarray(samples),))
+    outs = fractional_outs(case)
+    valid = all(
+        o >= 1 and o + k - 1 <= i
+        for o, k, i in zip(outs, case["kernel"], case["sizes"], strict=True)
+    )
+    xt = torch_in(x, c)
+    err, outcome = None, "agree"
+    if c.n > 1:
+        torch_fn = (F.fractional_max_pool2d, F.fractional_max_pool3d)[c.n - 2]
+        ts = torch.from_numpy(
+            samples.reshape(-1, c.channels, c.n)[..., :: -1 if c.n == 2 else 1].copy()
+        )
+        target = {k: per_axis(v, c.n) for k, v in case["target"].items()}  # scalars break 2-D
+        res, err = torch_try(
+            lambda: torch_fn(xt, case["kernel"], **target, return_indices=True, _random_samples=ts)
+        )
+        if err is None and res[0].numel() == 0:  # PyTorch returns an empty output for out = 0
+            err = RuntimeError("empty output")
+    if c.n == 1 or (err is not None and c.n == 3 and valid and not isinstance(got, Exception)):
+        outcome = "reference"  # 1-D, or 3-D with out + k - 1 == in (PyTorch's stricter check)
+        err = None if valid else RuntimeError("invalid by the documented rule")
+        if valid:
+            res = fractional_reference(case, xt, samples, outs)
+    if err is not None or isinstance(got, Exception):
+        return settle(got, err, "fractional_max_pool")
+    compare_pool(case, got, extra, res[0], res[1], [xt])
+    return outcome
+
+
+def test_fuzz_fractional_max_pool():
+    _op("fractional_max_pool")
+    run_fuzz("fractional_max_pool", fractional_cases(), check_fractional)
