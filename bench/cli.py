@@ -1,0 +1,110 @@
+"""Command line of the suite.
+
+``python -m bench [--quick] [--filter SUBSTR] [--out DIR] [--device-name NAME] [...]``
+"""
+
+import argparse
+import dataclasses
+import sys
+
+import jax
+import torch
+
+from bench import report
+from bench.cases import Case, all_cases, select
+from bench.machine import machine_info, usable_cores
+from bench.measure import Settings, copy_bandwidth
+from bench.runner import PEERS, run_cases
+
+FULL = {"repeats": 20, "warmup": 2, "budget_s": 5.0, "copy_mb": 256}
+QUICK = {"repeats": 5, "warmup": 1, "budget_s": 1.0, "copy_mb": 64}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small shapes, few cases (~1-2 min)")
+    p.add_argument(
+        "--filter", action="append", metavar="SUBSTR", help="run cases whose name contains it"
+    )
+    p.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
+    p.add_argument("--device-name", help="file stem, default the JAX backend (cpu, gpu, tpu)")
+    p.add_argument("--repeats", type=int, help="timed calls per peer (full 20, quick 5)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (full 2, quick 1)")
+    p.add_argument("--budget", type=float, help="stop repeating after this many seconds")
+    p.add_argument("--copy-mb", type=int, help="size of the copy-bandwidth array in MiB")
+    p.add_argument("--threads", type=int, help="torch threads (default: usable cores)")
+    p.add_argument(
+        "--peers",
+        help=f"comma list out of {','.join(PEERS)} (default all; on GPU/TPU no torch)",
+    )
+    p.add_argument("--list", action="store_true", help="print the case names and exit")
+    return p
+
+
+def _peers(arg: str | None, backend: str) -> tuple[str, ...]:
+    if arg:
+        peers = tuple(p.strip() for p in arg.split(",") if p.strip())
+        unknown = [p for p in peers if p not in PEERS]
+        if unknown:
+            raise SystemExit(f"--peers: unknown {unknown}; expected some of {list(PEERS)}")
+        return ("jaxconv", *(p for p in peers if p != "jaxconv"))
+    if backend == "cpu":
+        return PEERS
+    return tuple(p for p in PEERS if not p.startswith("torch"))
+
+
+def run_suite(
+    cases: list[Case],
+    out_dir: str,
+    *,
+    device_name: str | None = None,
+    settings: Settings | None = None,
+    peers: tuple[str, ...] | None = None,
+    copy_mb: int = 256,
+    threads: int | None = None,
+    quick: bool = False,
+) -> dict:
+    """Run ``cases`` and write ``<device>.json/.md/.png`` into ``out_dir``; returns the report."""
+    backend = jax.default_backend()
+    settings = settings or Settings()
+    threads = threads or usable_cores()
+    torch.set_num_threads(threads)
+    peers = peers or _peers(None, backend)
+    copy = copy_bandwidth(copy_mb * 2**20, settings, backend)
+    results = run_cases(cases, peers, settings, copy["reference_gbps"])
+    result = {
+        "device_name": device_name or backend,
+        "machine": machine_info(threads),
+        "settings": {**dataclasses.asdict(settings), "quick": quick, "peers": list(peers)},
+        "copy": copy,
+        "cases": results,
+    }
+    result["files"] = report.write_all(result, out_dir)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    cases = select(all_cases(args.quick), args.filter)
+    if args.list or not cases:
+        print("\n".join(c.name for c in cases) or "no case matches the filter")
+        return 0 if cases or args.list else 1
+    settings = Settings(
+        repeats=args.repeats or defaults["repeats"],
+        warmup=defaults["warmup"] if args.warmup is None else args.warmup,
+        budget_s=args.budget or defaults["budget_s"],
+        min_repeats=min(3, args.repeats or 3),
+    )
+    res = run_suite(
+        cases,
+        args.out,
+        device_name=args.device_name,
+        settings=settings,
+        peers=_peers(args.peers, jax.default_backend()),
+        copy_mb=args.copy_mb or defaults["copy_mb"],
+        threads=args.threads,
+        quick=args.quick,
+    )
+    print("wrote " + ", ".join(res["files"].values()), file=sys.stderr)
+    return 0

@@ -1,0 +1,201 @@
+"""Timing: warm-up then the median of repeats, compile time apart, memory and copy bandwidth.
+
+JAX functions are jitted; ``jax.jit(f).lower(*args)`` and ``.compile()`` are timed separately
+(``lower_s``, ``compile_s``), and the compiled executable is what runs, each call ended by
+``block_until_ready``. The forward+backward mode computes the output and the vjp of a fixed random
+cotangent (the same work as PyTorch's ``autograd.grad(y, inputs, ct)``). Peak memory of a JAX
+program is its compiled ``memory_analysis()``: argument + output + temporary buffers.
+"""
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import torch
+
+from bench.inputs import cotangent
+from bench.jax_peers import JaxJob
+from bench.torch_peers import TorchJob
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How long to measure each peer of a case."""
+
+    repeats: int = 20
+    min_repeats: int = 3
+    warmup: int = 2
+    budget_s: float = 8.0
+
+
+def time_calls(call: Callable[[], object], settings: Settings, first_s: float = 0.0) -> list[float]:
+    """Seconds of ``settings.repeats`` calls after warm-up (fewer once the budget is spent).
+
+    ``first_s`` is the time an already made first call took: when it alone exceeds the budget,
+    that one time is the result (no warm-up, no repeats), so a pathological peer cannot stall
+    the suite.
+    """
+    if first_s > settings.budget_s:
+        return [first_s]
+    for _ in range(settings.warmup):
+        call()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < settings.repeats:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - start
+        if len(times) >= settings.min_repeats and spent > settings.budget_s:
+            break
+    return times
+
+
+def summarize(times: list[float]) -> dict:
+    """Median, min and max in milliseconds, and the number of repeats."""
+    return {
+        "ms": 1e3 * statistics.median(times),
+        "min_ms": 1e3 * min(times),
+        "max_ms": 1e3 * max(times),
+        "repeats": len(times),
+    }
+
+
+def _fwd_bwd(fn: Callable, n_diff: int) -> Callable:
+    """``(*args, ct) -> (y, vjp(ct))`` with respect to the first ``n_diff`` arguments."""
+
+    def fwd_bwd(*args_ct):
+        *args, ct = args_ct
+        diff, rest = args[:n_diff], args[n_diff:]
+        y, pullback = jax.vjp(lambda *d: fn(*d, *rest), *diff)
+        return y, pullback(ct)
+
+    return fwd_bwd
+
+
+def _cotangent(job: JaxJob) -> jax.Array:
+    out = jax.eval_shape(job.fn, *job.args)
+    return jax.numpy.asarray(cotangent(out.shape, job.channels_first)).astype(out.dtype)
+
+
+def memory(compiled) -> dict | None:
+    """Argument, output, temporary and peak (their sum) bytes of a compiled program."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if ma is None:
+        return None
+    out = {
+        "argument_bytes": int(ma.argument_size_in_bytes),
+        "output_bytes": int(ma.output_size_in_bytes),
+        "temp_bytes": int(ma.temp_size_in_bytes),
+        "alias_bytes": int(ma.alias_size_in_bytes),
+    }
+    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+    return out
+
+
+def _jax_outputs(out) -> list[np.ndarray]:
+    """The output and the first gradient (if any) as float32 numpy arrays."""
+    leaves = jax.tree_util.tree_leaves(out)[:2]
+    return [np.asarray(leaf.astype(np.float32)) for leaf in leaves]
+
+
+def _torch_outputs(out) -> list[np.ndarray]:
+    return [t.detach().float().numpy() for t in out[:2]]
+
+
+def _nbytes(tree) -> int:
+    return sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def measure_jax(job: JaxJob, mode: str, settings: Settings) -> dict:
+    """Compile and time a JAX job in ``mode`` (``"fwd"`` or ``"fwdbwd"``)."""
+    fn, args = job.fn, job.args
+    if mode == "fwdbwd":
+        args = (*args, _cotangent(job))
+        fn = _fwd_bwd(fn, job.n_diff)
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    first_s = time.perf_counter() - t2
+    times = time_calls(lambda: jax.block_until_ready(compiled(*args)), settings, first_s)
+    return {
+        "status": "ok",
+        **summarize(times),
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "bytes_in": _nbytes(args),
+        "bytes_out": _nbytes(out),
+        "memory": memory(compiled),
+        "_outputs": _jax_outputs(out),
+    }
+
+
+def _torch_bytes(tensors) -> int:
+    return sum(t.element_size() * t.nelement() for t in tensors)
+
+
+def measure_torch(job: TorchJob, mode: str, settings: Settings) -> dict:
+    """Time a PyTorch job: forward under no_grad, or forward and autograd.grad of a cotangent."""
+    fn, tensors = job.fn, job.tensors
+    if mode == "fwd":
+
+        def call():
+            with torch.no_grad():
+                return (fn(*tensors),)
+
+        ins = tensors
+    else:
+        leaves = [t.detach().requires_grad_(True) for t in tensors[: job.n_diff]]
+        rest = tensors[job.n_diff :]
+        with torch.no_grad():
+            y0 = fn(*leaves, *rest)
+        ct = torch.from_numpy(cotangent(tuple(y0.shape), True)).to(y0.dtype)
+        ct = torch.empty_like(y0).copy_(ct)
+
+        def call():
+            y = fn(*leaves, *rest)
+            return (y.detach(), *torch.autograd.grad(y, leaves, ct))
+
+        ins = (*tensors, ct)
+    t0 = time.perf_counter()
+    out = call()
+    times = time_calls(call, settings, time.perf_counter() - t0)
+    return {
+        "status": "ok",
+        **summarize(times),
+        "bytes_in": _torch_bytes(ins),
+        "bytes_out": _torch_bytes(out),
+        "_outputs": _torch_outputs(out),
+    }
+
+
+def copy_bandwidth(nbytes: int, settings: Settings, backend: str) -> dict:
+    """Read+write GB/s of a large float32 copy: numpy ``copyto`` and a jitted jnp negation."""
+    n = max(nbytes // 4, 1)
+    src = np.random.default_rng(2).standard_normal(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    np_ms = summarize(time_calls(lambda: np.copyto(dst, src), settings))["ms"]
+    a = jax.device_put(src)
+    neg = jax.jit(jax.numpy.negative).lower(a).compile()
+    jax_ms = summarize(time_calls(lambda: jax.block_until_ready(neg(a)), settings))["ms"]
+    moved = 2 * src.nbytes
+    res = {
+        "bytes": int(src.nbytes),
+        "numpy_copy_gbps": moved / np_ms / 1e6,
+        "jax_negate_gbps": moved / jax_ms / 1e6,
+    }
+    if backend == "cpu":
+        res["reference"] = max(("numpy_copy_gbps", "jax_negate_gbps"), key=res.get)
+    else:
+        res["reference"] = "jax_negate_gbps"
+    res["reference_gbps"] = res[res["reference"]]
+    return res

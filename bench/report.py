@@ -1,0 +1,206 @@
+"""Write a suite's results: ``<device>.json``, ``<device>.md`` (tables) and ``<device>.png``."""
+
+import json
+import os
+
+from bench.runner import PEERS
+
+LABELS = {
+    "jaxconv": "jaxconv",
+    "lax": "raw lax",
+    "flax": "flax.linen",
+    "equinox": "equinox",
+    "torch_nchw": "torch NCHW",
+    "torch_cl": "torch channels_last",
+}
+COLORS = {
+    "lax": "tab:gray",
+    "flax": "tab:blue",
+    "equinox": "tab:green",
+    "torch_nchw": "tab:orange",
+    "torch_cl": "tab:red",
+}
+
+
+def write_json(report: dict, path: str) -> None:
+    """The whole report as indented JSON (written to a temporary name, then renamed)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, sort_keys=False, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _present_peers(cases: list[dict]) -> list[str]:
+    """Peers that ran or are missing in at least one case (others would be empty columns)."""
+    seen = {p for c in cases for p, r in c["peers"].items() if r["status"] != "n/a"}
+    return [p for p in PEERS if p in seen]
+
+
+def _cell(r: dict | None) -> str:
+    if r is None or r["status"] == "n/a":
+        return "–"
+    if r["status"] == "ok":
+        return f"{r['ms']:.3g}"
+    return r["status"]
+
+
+def _targets_cell(case: dict) -> str:
+    marks = []
+    for t in case["targets"]:
+        what = (
+            f"÷{t['peer']} ≤ {t['max_ratio']}"
+            if "peer" in t
+            else f"compile < {t['compile_s_max']} s"
+        )
+        mark = "?" if t["met"] is None else ("✓" if t["met"] else "✗")
+        marks.append(f"{mark} {what}")
+    return "; ".join(marks)
+
+
+def _row(case: dict, peers: list[str]) -> str:
+    c, res = case["case"], case["peers"]
+    times = [_cell(res.get(p)) for p in peers]
+    ratios = [
+        f"{case['ratios'][p]:.2f}" if p in case["ratios"] else "–" for p in peers if p != "jaxconv"
+    ]
+    jc = res.get("jaxconv", {})
+    ok = jc.get("status") == "ok"
+    bw = f"{jc['bandwidth_fraction']:.0%}" if ok else "–"
+    comp = f"{jc['lower_s'] + jc['compile_s']:.2f}" if ok else "–"
+    shape = "x".join(str(d) for d in c["shape"])
+    cells = [c["label"], c["mode"], c["dtype"], shape, *times, *ratios, bw, comp]
+    return "| " + " | ".join([*cells, _targets_cell(case)]) + " |"
+
+
+def timing_table(cases: list[dict]) -> list[str]:
+    """The main markdown table: medians, ratios, bandwidth, compile time, targets."""
+    peers = _present_peers(cases)
+    head = ["case", "mode", "dtype", "shape (NHWC)"]
+    head += [f"{LABELS[p]} ms" for p in peers]
+    head += [f"÷ {LABELS[p]}" for p in peers if p != "jaxconv"]
+    head += ["jaxconv BW / copy", "jaxconv compile s", "targets"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + [_row(c, peers) for c in cases]
+
+
+def memory_table(cases: list[dict]) -> list[str]:
+    """Peak memory (argument + output + temp) of max pooling forward+backward, jaxconv vs XLA."""
+    head = "| case | dtype | shape | jaxconv peak MB | flax.linen peak MB | jaxconv temp MB"
+    lines = [head + " | flax.linen temp MB | peak ratio |", "|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        c = case["case"]
+        if c["op"] != "max_pool" or c["mode"] != "fwdbwd":
+            continue
+        mem = {p: (case["peers"].get(p) or {}).get("memory") for p in ("jaxconv", "flax")}
+        peak = {p: m["peak_bytes"] / 2**20 if m else None for p, m in mem.items()}
+        temp = {p: m["temp_bytes"] / 2**20 if m else None for p, m in mem.items()}
+        ratio = peak["jaxconv"] / peak["flax"] if peak["jaxconv"] and peak["flax"] else None
+        vals = [peak["jaxconv"], peak["flax"], temp["jaxconv"], temp["flax"]]
+        cells = ["–" if v is None else f"{v:.1f}" for v in vals]
+        cells.append("–" if ratio is None else f"{ratio:.2f}")
+        shape = "x".join(str(d) for d in c["shape"])
+        lines.append("| " + " | ".join([c["label"], c["dtype"], shape, *cells]) + " |")
+    return lines
+
+
+def _problems(cases: list[dict]) -> list[str]:
+    lines = []
+    for case in cases:
+        for peer, r in case["peers"].items():
+            if r["status"] in ("missing", "error"):
+                why = r.get("reason") or r.get("error", "")
+                lines.append(f"- {case['name']}: {LABELS[peer]} {r['status']}: {why}")
+            elif r["status"] == "ok" and not r.get("agrees", True):
+                ref = LABELS[case["reference_peer"]]
+                diff = r.get("max_rel_diff")
+                what = "a different shape" if diff is None else f"relative difference {diff:.2g}"
+                lines.append(f"- {case['name']}: {LABELS[peer]} disagrees with {ref}: {what}")
+    return lines
+
+
+def _header(report: dict) -> list[str]:
+    m, s, cp = report["machine"], report["settings"], report["copy"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    return [
+        f"# jaxconv benchmarks: {report['device_name']}",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, JAX backend {m['jax_backend']} "
+        f"({m['jax_device']}), torch threads {m['torch_threads']}.",
+        f"- Software: {versions}; Python {m['python']}.",
+        f"- Run: {m['date_utc']}, commit {m['git_commit']}, "
+        f"{'quick' if s['quick'] else 'full'} suite, median of up to {s['repeats']} repeats after "
+        f"{s['warmup']} warm-up calls (at most ~{s['budget_s']} s per peer).",
+        f"- Copy reference ({cp['bytes'] / 2**20:.0f} MiB, read+write): numpy copy "
+        f"{cp['numpy_copy_gbps']:.1f} GB/s, jitted jnp negation {cp['jax_negate_gbps']:.1f} GB/s; "
+        f"bandwidth fractions use {cp['reference_gbps']:.1f} GB/s.",
+        "",
+        "Times are medians in ms. `÷ peer` is jaxconv time / peer time (below 1: jaxconv faster). "
+        "`fwdbwd` is the forward pass plus the vjp of a fixed cotangent (PyTorch: autograd.grad). "
+        "BW is (bytes in + bytes out) / time as a fraction of the copy reference. Compile is "
+        "jaxconv's lower + compile time. `missing`: no such jaxconv op yet; `–`: the peer has no "
+        "equivalent.",
+        "",
+    ]
+
+
+def markdown(report: dict) -> str:
+    """The markdown page: header, timing table, memory table, problems."""
+    cases = report["cases"]
+    lines = _header(report) + timing_table(cases)
+    lines += ["", "## Peak memory, max pooling forward+backward (compiled memory analysis)", ""]
+    lines += memory_table(cases)
+    problems = _problems(cases)
+    if problems:
+        lines += ["", "## Missing ops, errors and disagreements", "", *problems]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(markdown(report))
+
+
+def write_chart(report: dict, path: str) -> None:
+    """Horizontal bars of jaxconv/peer ratios per case, log scale, a line at parity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in report["cases"] if c["ratios"]]
+    peers = [p for p in PEERS if p != "jaxconv" and any(p in c["ratios"] for c in cases)]
+    height = max(3.0, 0.16 * max(len(cases), 1) * max(len(peers), 1) + 1.5)
+    fig, ax = plt.subplots(figsize=(11, height))
+    bar = 0.8 / max(len(peers), 1)
+    for j, peer in enumerate(peers):
+        ys = [i + j * bar for i, c in enumerate(cases) if peer in c["ratios"]]
+        xs = [c["ratios"][peer] for c in cases if peer in c["ratios"]]
+        ax.barh(ys, xs, height=bar, color=COLORS[peer], label=f"vs {LABELS[peer]}")
+    ax.set_yticks([i + 0.4 - bar / 2 for i in range(len(cases))])
+    ax.set_yticklabels([c["name"] for c in cases], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.set_xlabel("jaxconv time / peer time (log scale; < 1 means jaxconv is faster)")
+    ax.set_ylabel("case")
+    ax.set_title(f"jaxconv vs peers, {report['device_name']} ({report['machine']['cpu']})")
+    if peers:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no ratios: jaxconv ops missing", ha="center", transform=ax.transAxes)
+        ax.set_xlim(0.1, 10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_all(report: dict, out_dir: str) -> dict:
+    """All three files; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, report["device_name"])
+    paths = {"json": base + ".json", "md": base + ".md", "png": base + ".png"}
+    write_json(report, paths["json"])
+    write_markdown(report, paths["md"])
+    write_chart(report, paths["png"])
+    return paths

@@ -1,0 +1,81 @@
+"""The benchmark suite end to end on one tiny case: files written and well formed, nothing timed."""
+
+import importlib
+import json
+import pathlib
+import sys
+
+import pytest
+
+# bench/ is a folder of the repository, not an installed package: make it importable however
+# pytest was started (``python -m pytest`` already has the repository root on sys.path).
+_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+bench = importlib.import_module("bench")
+Case = bench.Case
+run_case = bench.runner.run_case
+
+TINY = Case("max_pool", "max 2x2 s2", (2, 8, 8, 4), mode="fwdbwd", window=(2, 2), stride=(2, 2))
+ONCE = bench.Settings(repeats=1, min_repeats=1, warmup=0, budget_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    bench.run_suite([TINY], str(out), device_name="smoke", settings=ONCE, copy_mb=1)
+    return out
+
+
+def test_json_has_machine_case_peers_and_ratios(report):
+    data = json.loads((report / "smoke.json").read_text())
+    for key in ("cpu", "cores", "versions", "date_utc", "jax_backend"):
+        assert key in data["machine"]
+    assert data["copy"]["reference_gbps"] > 0
+    (case,) = data["cases"]
+    assert case["name"] == TINY.name
+    peers = case["peers"]
+    assert set(peers) == set(bench.runner.PEERS)
+    assert peers["jaxconv"]["status"] in ("ok", "missing")
+    for peer in ("flax", "equinox", "torch_nchw", "torch_cl"):
+        assert peers[peer]["status"] == "ok", peers[peer]
+        assert peers[peer]["bandwidth_fraction"] > 0
+    assert peers["flax"]["memory"]["peak_bytes"] > 0
+    assert peers["lax"]["status"] == "n/a"
+    if peers["jaxconv"]["status"] == "ok":
+        assert set(case["ratios"]) == {"flax", "equinox", "torch_nchw", "torch_cl"}
+        assert {t["peer"] for t in case["targets"]} == {"flax", "torch_cl"}
+
+
+def test_markdown_table_lists_the_case(report):
+    md = (report / "smoke.md").read_text()
+    assert md.startswith("# jaxconv benchmarks: smoke")
+    rows = [line for line in md.splitlines() if line.startswith("| max 2x2 s2 |")]
+    header = next(line for line in md.splitlines() if line.startswith("| case |"))
+    assert len(rows) == 2  # the timing table and the memory table
+    assert rows[0].count("|") == header.count("|")
+    assert "2x8x8x4" in rows[0]
+
+
+def test_png_chart_is_written(report):
+    assert (report / "smoke.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_an_op_jaxconv_lacks_is_missing_not_a_crash():
+    case = Case("no_such_pool", "nothing", (1, 4, 4, 1), window=(2, 2), stride=(2, 2))
+    result = run_case(case, ("jaxconv", "flax", "torch_cl"), ONCE, reference_gbps=1.0)
+    assert result["peers"]["jaxconv"]["status"] == "missing"
+    assert result["peers"]["flax"]["status"] == "n/a"
+    assert result["peers"]["torch_cl"]["status"] == "n/a"
+    assert result["ratios"] == {}
+
+
+def test_cli_lists_and_filters_cases(capsys):
+    assert bench.main(["--quick", "--list", "--filter", "max 3x3"]) == 0
+    names = capsys.readouterr().out.split("\n")
+    assert names[0].startswith("max 3x3 s2 p1 fwd float32")
+    assert all("max 3x3" in n for n in names if n)
+    assert bench.main(["--filter", "no case has this name"]) == 1
+    full = bench.all_cases()
+    assert len({c.name for c in full}) == len(full)
+    assert {c.op for c in full} >= {"max_pool", "avg_pool", "lp_pool", "conv", "max_unpool"}
