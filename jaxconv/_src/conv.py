@@ -138,14 +138,14 @@ def _check_bias(fname: str, bias, channels: int) -> None:
         )
 
 
-def _flatten_batch(x, batch_shape):
-    """One batch axis in front: add it, keep it, or merge several."""
+def _one_batch_axis(x, batch_shape):
+    """``x`` with exactly one leading batch axis: added (none), kept (one) or merged (several)."""
     if len(batch_shape) == 1:
         return x
     return x.reshape((math.prod(batch_shape), *x.shape[len(batch_shape) :]))
 
 
-def _unflatten_batch(out, batch_shape):
+def _restore_batch(out, batch_shape):
     if len(batch_shape) == 1:
         return out
     return out.reshape((*batch_shape, *out.shape[1:]))
@@ -258,7 +258,7 @@ def conv(
     groups = _check_groups(fname, "x", groups, lay.channels, lay.w_in, lay.w_out)
     _check_bias(fname, bias, lay.w_out)
     stride, dilation, pads = _conv_geometry(fname, lay, stride, padding, dilation)
-    xb = _flatten_batch(x[None] if not lay.batch_shape else x, lay.batch_shape or (1,))
+    xb = _one_batch_axis(x, lay.batch_shape)
     xb, pads = _pad_mode(fname, xb, lay, pads, padding_mode)
     out = lax.conv_general_dilated(
         xb,
@@ -270,7 +270,7 @@ def conv(
         feature_group_count=groups,
     )
     out = _add_bias(out, bias, lay.channel_axis)
-    return out[0] if not lay.batch_shape else _unflatten_batch(out, lay.batch_shape)
+    return _restore_batch(out, lay.batch_shape)
 
 
 def _check_transpose_groups(fname: str, groups, lay: _Layout) -> int:
@@ -395,7 +395,7 @@ def conv_transpose(
     dilation = per_axis(fname, "dilation", dilation, lay.n)
     output_padding = per_axis(fname, "output_padding", output_padding, lay.n, minimum=0)
     tpads = _transpose_geometry(fname, lay, padding, stride, dilation, output_padding)
-    yb = _flatten_batch(y[None] if not lay.batch_shape else y, lay.batch_shape or (1,))
+    yb = _one_batch_axis(y, lay.batch_shape)
     out = lax.conv_general_dilated(
         yb,
         _transpose_kernel(w, lay, groups),
@@ -407,4 +407,4 @@ def conv_transpose(
         feature_group_count=groups,
     )
     out = _add_bias(out, bias, lay.channel_axis)
-    return out[0] if not lay.batch_shape else _unflatten_batch(out, lay.batch_shape)
+    return _restore_batch(out, lay.batch_shape)
