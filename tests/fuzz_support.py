@@ -59,6 +59,7 @@ class Tally:
 def run_fuzz(op: str, strategy, check) -> Tally:
     """Run ``check(case)`` on ``EXAMPLES`` derandomized draws of ``strategy``; tally outcomes."""
     from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import UnsatisfiedAssumption
 
     tally = Tally(op)
 
@@ -72,10 +73,12 @@ def run_fuzz(op: str, strategy, check) -> Tally:
     )
     @given(strategy)
     def body(case):
-        tally.draws += 1
         try:
             outcome = check(case)
+        except UnsatisfiedAssumption:
+            raise
         except Exception as err:
+            tally.draws += 1
             tally.disagreements += 1
             if len(tally.failures) < 20:
                 tally.failures.append(f"{case!r}\n    {type(err).__name__}: {err}")
@@ -83,6 +86,7 @@ def run_fuzz(op: str, strategy, check) -> Tally:
                 raise
             return
         assert outcome in OUTCOMES, outcome
+        tally.draws += 1
         setattr(tally, outcome, getattr(tally, outcome) + 1)
 
     start = time.perf_counter()

@@ -37,6 +37,7 @@ from fuzz_support import (
     window_counts,
     windows,
 )
+from hypothesis import assume
 from hypothesis import strategies as st
 
 import jaxconv
@@ -734,3 +735,71 @@ def check_fractional(case):
 def test_fuzz_fractional_max_pool():
     _op("fractional_max_pool")
     run_fuzz("fractional_max_pool", fractional_cases(), check_fractional)
+
+
+# --- max unpooling ------------------------------------------------------------------------------
+
+
+@st.composite
+def unpool_cases(draw):
+    c = draw(commons())
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(c.n))
+    pad = tuple(draw(st.integers(0, k // 2)) for k in kernel)
+    stride = draw(st.one_of(st.none(), axes_of(c.n, 1, 3)))
+    s = kernel if stride is None else per_axis(stride, c.n)
+    return {
+        "c": c,
+        "kernel": kernel,
+        "stride": stride,
+        "padding": pad if draw(st.booleans()) or len(set(pad)) > 1 else pad[0],
+        "sizes": tuple(draw(st.integers(k, k + (4 if c.n < 3 else 2))) for k in kernel),
+        "delta": None if draw(st.booleans()) else tuple(draw(st.integers(0, si - 1)) for si in s),
+        "index_dtype": draw(st.sampled_from(["int32", "int64"])),
+    }
+
+
+def check_unpool(case):
+    c = case["c"]
+    k, pad = case["kernel"], per_axis(case["padding"], c.n)
+    s = k if case["stride"] is None else per_axis(case["stride"], c.n)
+    x = array(c, case["sizes"])
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[c.n - 1]
+    values, idx = pool(
+        torch.from_numpy(to_torch_layout(x, c.n, c.data_format)), k, s, pad, 1, False, True
+    )
+    default = tuple(
+        (v - 1) * si - 2 * p + ki for v, si, p, ki in zip(values.shape[2:], s, pad, k, strict=True)
+    )
+    out_size = None
+    if case["delta"] is not None:
+        out_size = tuple(o + dl for o, dl in zip(default, case["delta"], strict=True))
+    assume(int(idx.max()) < math.prod(out_size or default))  # indices are data: unchecked
+    v = from_torch_layout(values.numpy(), c.batch, c.n, c.data_format)
+    i = jnp.asarray(
+        from_torch_layout(idx.numpy(), c.batch, c.n, c.data_format), case["index_dtype"]
+    )
+
+    def fn(v, i):
+        return _op("max_unpool")(
+            v,
+            i,
+            k,
+            case["stride"],
+            case["padding"],
+            output_size=out_size,
+            data_format=c.data_format,
+        )
+
+    got, extra = run_jax("max_unpool", fn, (v,), (i,))
+    vt = leaf(values.detach().numpy())
+    unpool = (F.max_unpool1d, F.max_unpool2d, F.max_unpool3d)[c.n - 1]
+    res, err = torch_try(lambda: unpool(vt, idx, k, s, pad, out_size))
+    if err is not None or isinstance(got, Exception):
+        return settle(got, err, "max_unpool")
+    compare_pool(case, got, extra, res, None, [vt])
+    return "agree"
+
+
+def test_fuzz_max_unpool():
+    _op("max_unpool")
+    run_fuzz("max_unpool", unpool_cases(), check_unpool)
