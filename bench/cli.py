@@ -5,6 +5,7 @@
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import jax
@@ -16,6 +17,7 @@ from bench.machine import machine_info, usable_cores
 from bench.measure import Settings, copy_bandwidth
 from bench.runner import PEERS, run_cases
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FULL = {"repeats": 20, "warmup": 2, "budget_s": 5.0, "copy_mb": 256}
 QUICK = {"repeats": 5, "warmup": 1, "budget_s": 1.0, "copy_mb": 64}
 
@@ -26,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--filter", action="append", metavar="SUBSTR", help="run cases whose name contains it"
     )
-    p.add_argument("--out", default="bench/results", help="output folder (default bench/results)")
+    p.add_argument("--out", default=RESULTS, help="output folder (default bench/results)")
     p.add_argument("--device-name", help="file stem, default the JAX backend (cpu, gpu, tpu)")
     p.add_argument("--repeats", type=int, help="timed calls per peer (full 20, quick 5)")
     p.add_argument("--warmup", type=int, help="untimed calls first (full 2, quick 1)")

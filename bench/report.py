@@ -45,16 +45,17 @@ def _cell(r: dict | None) -> str:
     return r["status"]
 
 
+def _target_text(t: dict) -> str:
+    if "peer" in t:
+        return f"÷{t['peer']} ≤ {t['max_ratio']}"
+    return f"compile < {t['compile_s_max']} s"
+
+
 def _targets_cell(case: dict) -> str:
     marks = []
     for t in case["targets"]:
-        what = (
-            f"÷{t['peer']} ≤ {t['max_ratio']}"
-            if "peer" in t
-            else f"compile < {t['compile_s_max']} s"
-        )
         mark = "?" if t["met"] is None else ("✓" if t["met"] else "✗")
-        marks.append(f"{mark} {what}")
+        marks.append(f"{mark} {_target_text(t)}")
     return "; ".join(marks)
 
 
@@ -105,18 +106,35 @@ def memory_table(cases: list[dict]) -> list[str]:
 
 
 def _problems(cases: list[dict]) -> list[str]:
-    lines = []
+    """Missing jaxconv ops (once each), then every error and every disagreement."""
+    missing = sorted(
+        {c["case"]["op"] for c in cases if c["peers"].get("jaxconv", {}).get("status") == "missing"}
+    )
+    lines = [f"- jaxconv has no {op} yet: its cases show `missing`." for op in missing]
     for case in cases:
         for peer, r in case["peers"].items():
-            if r["status"] in ("missing", "error"):
-                why = r.get("reason") or r.get("error", "")
-                lines.append(f"- {case['name']}: {LABELS[peer]} {r['status']}: {why}")
+            if r["status"] == "error":
+                lines.append(f"- {case['name']}: {LABELS[peer]} error: {r['error']}")
             elif r["status"] == "ok" and not r.get("agrees", True):
                 ref = LABELS[case["reference_peer"]]
                 diff = r.get("max_rel_diff")
                 what = "a different shape" if diff is None else f"relative difference {diff:.2g}"
                 lines.append(f"- {case['name']}: {LABELS[peer]} disagrees with {ref}: {what}")
     return lines
+
+
+def _target_summary(cases: list[dict]) -> list[str]:
+    """How many targets are met, and the ones that are not."""
+    checks = [(c, t) for c in cases for t in c["targets"] if t["met"] is not None]
+    if not checks:
+        return ["No target could be checked (jaxconv ops missing or peers not run).", ""]
+    met = sum(t["met"] for _, t in checks)
+    lines = [f"Targets met: {met} of {len(checks)}.", ""]
+    for c, t in checks:
+        if not t["met"]:
+            got = f"{t['ratio']:.2f}" if "peer" in t else f"{t['compile_s']:.2f} s"
+            lines.append(f"- not met: {c['name']}: {_target_text(t)} (got {got})")
+    return lines + ([""] if met < len(checks) else [])
 
 
 def _header(report: dict) -> list[str]:
@@ -139,7 +157,8 @@ def _header(report: dict) -> list[str]:
         "`fwdbwd` is the forward pass plus the vjp of a fixed cotangent (PyTorch: autograd.grad). "
         "BW is (bytes in + bytes out) / time as a fraction of the copy reference. Compile is "
         "jaxconv's lower + compile time. `missing`: no such jaxconv op yet; `–`: the peer has no "
-        "equivalent.",
+        "equivalent. Targets (issue 5 and the adaptive/fractional issue): ✓ met, ✗ not met, "
+        "? not measured.",
         "",
     ]
 
@@ -147,7 +166,7 @@ def _header(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     """The markdown page: header, timing table, memory table, problems."""
     cases = report["cases"]
-    lines = _header(report) + timing_table(cases)
+    lines = _header(report) + _target_summary(cases) + timing_table(cases)
     lines += ["", "## Peak memory, max pooling forward+backward (compiled memory analysis)", ""]
     lines += memory_table(cases)
     problems = _problems(cases)
@@ -161,8 +180,26 @@ def write_markdown(report: dict, path: str) -> None:
         f.write(markdown(report))
 
 
+def _chart_panel(ax, cases: list[dict], peers: list[str], title: str) -> None:
+    """One panel: a group of horizontal bars (one per peer) for every case."""
+    bar = 0.8 / max(len(peers), 1)
+    for j, peer in enumerate(peers):
+        ys = [i + j * bar for i, c in enumerate(cases) if peer in c["ratios"]]
+        xs = [c["ratios"][peer] for c in cases if peer in c["ratios"]]
+        ax.barh(ys, xs, height=bar, color=COLORS[peer], label=f"vs {LABELS[peer]}")
+    ax.set_yticks([i + 0.4 - bar / 2 for i in range(len(cases))])
+    labels = [c["name"].replace(f" {c['case']['dtype']}", "") for c in cases]
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylim(len(cases), -0.2)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.set_xlabel("jaxconv time / peer time (log; < 1: jaxconv faster)")
+    ax.set_ylabel("case")
+    ax.set_title(title)
+
+
 def write_chart(report: dict, path: str) -> None:
-    """Horizontal bars of jaxconv/peer ratios per case, log scale, a line at parity."""
+    """Bars of jaxconv/peer ratios per case, one panel per dtype, log scale, a line at parity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,28 +207,33 @@ def write_chart(report: dict, path: str) -> None:
 
     cases = [c for c in report["cases"] if c["ratios"]]
     peers = [p for p in PEERS if p != "jaxconv" and any(p in c["ratios"] for c in cases)]
-    height = max(3.0, 0.16 * max(len(cases), 1) * max(len(peers), 1) + 1.5)
-    fig, ax = plt.subplots(figsize=(11, height))
-    bar = 0.8 / max(len(peers), 1)
-    for j, peer in enumerate(peers):
-        ys = [i + j * bar for i, c in enumerate(cases) if peer in c["ratios"]]
-        xs = [c["ratios"][peer] for c in cases if peer in c["ratios"]]
-        ax.barh(ys, xs, height=bar, color=COLORS[peer], label=f"vs {LABELS[peer]}")
-    ax.set_yticks([i + 0.4 - bar / 2 for i in range(len(cases))])
-    ax.set_yticklabels([c["name"] for c in cases], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
-    ax.set_xlabel("jaxconv time / peer time (log scale; < 1 means jaxconv is faster)")
-    ax.set_ylabel("case")
-    ax.set_title(f"jaxconv vs peers, {report['device_name']} ({report['machine']['cpu']})")
+    dtypes = sorted({c["case"]["dtype"] for c in cases}, reverse=True) or ["none"]
+    rows = max([sum(c["case"]["dtype"] == d for c in cases) for d in dtypes] + [1])
+    height = max(3.5, rows * (0.07 * max(len(peers), 1) + 0.1) + 1.5)
+    fig, axes = plt.subplots(
+        1, len(dtypes), figsize=(8 * len(dtypes), height), squeeze=False, sharex=True
+    )
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        _chart_panel(ax, [c for c in cases if c["case"]["dtype"] == dtype], peers, dtype)
+    ratios = [r for c in cases for r in c["ratios"].values() if r > 0]
+    axes[0][0].set_xlim(min([0.5, *ratios]) / 1.3, max([2.0, *ratios]) * 1.3)
+    machine = report["machine"]
+    title = f"jaxconv vs peers: {report['device_name']}, {machine['cpu']}"
+    fig.suptitle(title, y=1 - 0.1 / height, va="top")
     if peers:
-        ax.legend(loc="best", fontsize=8)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(
+            handles,
+            labels,
+            loc="upper center",
+            ncol=len(peers),
+            fontsize=8,
+            bbox_to_anchor=(0.5, 1 - 0.4 / height),
+        )
     else:
-        ax.text(0.5, 0.5, "no ratios: jaxconv ops missing", ha="center", transform=ax.transAxes)
-        ax.set_xlim(0.1, 10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        axes[0][0].text(0.5, 0.5, "no ratios yet", ha="center", transform=axes[0][0].transAxes)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / height))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
