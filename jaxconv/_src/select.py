@@ -27,6 +27,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 
 def offset_dtype(kernel: int):
@@ -85,10 +87,25 @@ def pick(t, aux, plans, stages):
     return t
 
 
+def max_values(x, aux, plans):
+    """Max over the window without the winners: ``lax.max`` folds, which propagate NaN.
+
+    The value does not depend on which maximum wins, so the primal (no tangent) skips the tie
+    rule's compares and offsets.
+    """
+    fill = jnp.asarray(-jnp.inf, x.dtype)
+    for plan, a in zip(reversed(plans), reversed(aux), strict=True):
+        value_taps = plan.taps(x, fill, a)
+        x = value_taps[0]
+        for tap in value_taps[1:]:
+            x = lax.max(x, tap)
+    return x
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def max_reduce(x, aux, plans):
     """Max over box windows described by ``plans`` (spatial order), with PyTorch's tie rule."""
-    return max_stages(x, aux, plans)[0]
+    return max_values(x, aux, plans)
 
 
 @max_reduce.defjvp
@@ -97,6 +114,23 @@ def _max_reduce_jvp(plans, primals, tangents):
     t, _ = tangents
     value, stages, _ = max_stages(x, aux, plans)
     return value, pick(t, aux, plans, stages)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def max_and_index(x, aux, plans, sizes):
+    """``max_reduce`` and the winners' :func:`flat_index` (int32, no tangent) in one pass."""
+    value, _, finals = max_stages(x, aux, plans)
+    return value, flat_index(finals, aux, plans, sizes)
+
+
+@max_and_index.defjvp
+def _max_and_index_jvp(plans, sizes, primals, tangents):
+    x, aux = primals
+    t, _ = tangents
+    value, stages, finals = max_stages(x, aux, plans)
+    index = flat_index(finals, aux, plans, sizes)
+    no_tangent = np.zeros(index.shape, jax.dtypes.float0)
+    return (value, index), (pick(t, aux, plans, stages), no_tangent)
 
 
 def flat_index(finals, aux, plans, sizes):

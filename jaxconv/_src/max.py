@@ -1,0 +1,95 @@
+"""Max pooling with PyTorch's exact semantics, for any number of spatial axes.
+
+The window is reduced one spatial axis at a time (:mod:`jaxconv._src.select`): per axis, the
+``kernel`` strided slices of :func:`jaxconv._src.window.taps` are folded with PyTorch's tie rule
+(first maximum wins, NaN propagates, padding never wins). The derivative is select's
+``jax.custom_jvp``: a tangent that picks the winning tangent taps, linear and made of slices and
+selects, so reverse mode transposes it into pads and adds (no scatter, bitwise reproducible) and
+forward mode and higher orders work, with window dilation too.
+
+Without a tangent (a plain forward pass) the value is a fold of ``lax.max`` over the same
+slices: the value does not depend on which maximum wins, so the compares of the tie rule and
+the offsets are skipped.
+"""
+
+import math
+
+import jax
+from jax.typing import ArrayLike
+
+from jaxconv._src.args import check_bool, check_floating
+from jaxconv._src.select import max_and_index, max_reduce
+from jaxconv._src.window import window_spec
+
+_FNAME = "max_pool"
+_INT32_MAX = 2**31 - 1
+
+
+def max_pool(
+    x: ArrayLike,
+    window,
+    stride=None,
+    padding=0,
+    *,
+    dilation=1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+    data_format: str = "channels_last",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Max pooling over ``n = len(window)`` spatial axes, with PyTorch's semantics.
+
+    Output ``o`` along an axis is the maximum of the input at ``o*s - lo + j*d`` for
+    ``j < k``, where the padding reads as ``-inf`` and never wins. The first maximum in
+    row-major window order wins; a NaN in the window makes the output NaN (the last NaN wins).
+
+    Padding: jaxconv accepts up to half the *dilated* span ``d*(k-1)+1`` on each side, where
+    PyTorch accepts at most half the kernel ``k``. The wider rule is what "SAME" padding needs
+    with dilation (e.g. ``k=3, d=2`` pads 2 per side), and every window still reads at least
+    one input element whenever the window fits the input.
+
+    Args:
+      x: ``(*batch, *spatial, C)`` for channels_last or ``(*batch, C, *spatial)`` for
+        channels_first; ``*batch`` may be empty or several axes. A floating dtype (float16 and
+        bfloat16 are compared exactly in their own dtype).
+      window: the window size per spatial axis, a sequence of ``n`` ints.
+      stride: an int or ``n`` ints; ``None`` means ``window``.
+      padding: an int, ``n`` ints, ``n`` ``(lo, hi)`` pairs, "VALID" or "SAME".
+      dilation: an int or ``n`` ints, the spacing between window taps.
+      ceil_mode: round the output size up (the last window must start inside the input or
+        the left padding).
+      return_indices: also return the winners' indices.
+      data_format: "channels_last" or "channels_first".
+
+    Returns:
+      The pooled array, ``x.shape`` with each spatial size ``in`` replaced by
+      ``floor((in + lo + hi - d*(k-1) - 1 + (s-1 if ceil_mode else 0)) / s) + 1``, dtype
+      ``x.dtype``. With ``return_indices``, a pair ``(values, indices)``: ``indices`` is int32,
+      shaped like ``values``, the flat row-major position of each winner in the unpadded
+      spatial volume of its (batch, channel) plane (``h*W + w`` in 2-D), as PyTorch returns
+      and :func:`jaxconv.max_unpool` consumes. int32 limits the spatial volume to
+      ``2**31 - 1`` elements when ``return_indices`` is set.
+
+    Transformations: ``jit``, ``vmap``, ``grad``/``vjp``, ``jvp`` and higher orders
+    (``hessian``), with or without dilation. The gradient goes to the winner only (PyTorch's
+    rule) and is bitwise reproducible. With ``return_indices`` the values stay differentiable;
+    the indices are integers and carry no derivative.
+
+    Example:
+      >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+      >>> max_pool(x, (2, 2))[0, ..., 0]
+      Array([[ 5.,  7.],
+             [13., 15.]], dtype=float32)
+    """
+    x = check_floating(_FNAME, "x", x)
+    return_indices = check_bool(_FNAME, "return_indices", return_indices)
+    spec = window_spec(_FNAME, x.shape, window, stride, padding, dilation, ceil_mode, data_format)
+    aux = (None,) * spec.n
+    if not return_indices:
+        return max_reduce(x, aux, spec.plans)
+    sizes = tuple(p.size for p in spec.plans)
+    if math.prod(sizes) > _INT32_MAX:
+        raise ValueError(
+            f"{_FNAME}: `return_indices=True` needs a spatial volume of at most {_INT32_MAX} "
+            f"elements (int32 indices), got spatial sizes {sizes}."
+        )
+    return max_and_index(x, aux, spec.plans, sizes)

@@ -1,0 +1,182 @@
+"""Max unpooling: the inverse scatter of max pooling's indices, for any number of spatial axes.
+
+Every (batch, channel) plane is flattened; input position ``i`` writes ``x[i]`` at flat output
+position ``indices[i]`` of a zero array. Where several inputs name the same output position
+(overlapping pooling windows), the last one in row-major input order wins, which is what
+PyTorch's CPU kernel does. jaxconv makes that rule deterministic on every backend without relying
+on scatter order: a ``max`` scatter of the input *positions* (commutative, so order-free) finds
+the winner of each output position, and a gather reads its value. The output is then a gather of
+``x``: linear, differentiable in both modes, and its gradient is the gather of the cotangent at
+``indices`` (zero for inputs that lost to a later duplicate).
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxconv._src.args import check_floating, is_int, layout_axes, per_axis, spatial_rank
+from jaxconv._src.arithmetic import resolve_padding
+
+_FNAME = "max_unpool"
+_INT32_MAX = 2**31 - 1
+
+
+def _check_indices(x: jax.Array, indices) -> jax.Array:
+    indices = jnp.asarray(indices)
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(
+            f"{_FNAME}: `indices` must be an integer array (as returned by max_pool with "
+            f"return_indices=True), got dtype {indices.dtype}."
+        )
+    if indices.shape != x.shape:
+        raise ValueError(
+            f"{_FNAME}: `indices` must have the shape of `x`, {x.shape}, got {indices.shape}."
+        )
+    return indices
+
+
+def _default_sizes(in_sizes, kernel, stride, pads) -> tuple[int, ...]:
+    return tuple(
+        (i - 1) * s - lo - hi + k
+        for i, k, s, (lo, hi) in zip(in_sizes, kernel, stride, pads, strict=True)
+    )
+
+
+def _output_sizes(output_size, default, stride, shape, axes) -> tuple[int, ...]:
+    """``output_size`` (``n`` spatial sizes or the full output shape) checked against PyTorch's
+    rule ``default - stride < size < default + stride``."""
+    n = len(default)
+    if output_size is None:
+        sizes = default
+    else:
+        if not isinstance(output_size, Sequence) or isinstance(output_size, str):
+            raise TypeError(
+                f"{_FNAME}: `output_size` must be None or a sequence of ints, got {output_size!r}."
+            )
+        if not all(is_int(v) for v in output_size):
+            raise TypeError(f"{_FNAME}: `output_size` must contain ints, got {output_size!r}.")
+        if len(output_size) == len(shape) and len(shape) != n:
+            full = tuple(int(v) for v in output_size)
+            others = [a for a in range(len(shape)) if a not in axes]
+            if any(full[a] != shape[a] for a in others):
+                raise ValueError(
+                    f"{_FNAME}: `output_size` given as a full shape {full} must keep the batch "
+                    f"and channel sizes of `x` {shape}."
+                )
+            output_size = [full[a] for a in axes]
+        if len(output_size) != n:
+            raise ValueError(
+                f"{_FNAME}: `output_size` must have {n} entries (spatial sizes) or "
+                f"{len(shape)} (the full output shape), got {output_size!r}."
+            )
+        sizes = tuple(int(v) for v in output_size)
+        for size, d, s in zip(sizes, default, stride, strict=True):
+            if not d - s < size < d + s:
+                raise ValueError(
+                    f"{_FNAME}: `output_size` {tuple(sizes)} is out of range: each spatial "
+                    f"size must be strictly between default - stride and default + stride, "
+                    f"with default sizes {default} and stride {stride}."
+                )
+    if any(v < 1 for v in sizes):
+        raise ValueError(f"{_FNAME}: the output spatial sizes must be >= 1, got {sizes}.")
+    if math.prod(sizes) > _INT32_MAX:
+        raise ValueError(
+            f"{_FNAME}: the output spatial volume must be at most {_INT32_MAX} (int32 "
+            f"indices), got sizes {sizes}."
+        )
+    return sizes
+
+
+def _scatter_planes(values: jax.Array, indices: jax.Array, length: int) -> jax.Array:
+    """``(M, L_in)`` planes scattered into ``(M, length)``; out-of-range indices are dropped."""
+    planes, l_in = values.shape
+    ok = indices >= 0
+    if jnp.iinfo(indices.dtype).max >= length:
+        ok = ok & (indices < length)
+    target = jnp.where(ok, indices.astype(jnp.int32), length)
+    rows = jnp.arange(planes, dtype=jnp.int32)[:, None]
+    source = jnp.broadcast_to(jnp.arange(l_in, dtype=jnp.int32), (planes, l_in))
+    winner = jnp.full((planes, length), -1, jnp.int32)
+    winner = winner.at[rows, target].max(source, mode="drop")
+    picked = jnp.take_along_axis(values, jnp.maximum(winner, 0), axis=1)
+    return jnp.where(winner >= 0, picked, jnp.zeros((), values.dtype))
+
+
+def max_unpool(
+    x: ArrayLike,
+    indices: ArrayLike,
+    window,
+    stride=None,
+    padding=0,
+    *,
+    output_size=None,
+    data_format: str = "channels_last",
+) -> jax.Array:
+    """Partial inverse of :func:`jaxconv.max_pool`: ``x`` written at ``indices``, zeros elsewhere.
+
+    Each (batch, channel) plane of the output is a zero array of the output spatial size; the
+    input value at each position goes to the flat row-major position ``indices`` names in that
+    plane (``h*W + w`` in 2-D), as PyTorch's ``max_unpool{1,2,3}d``.
+
+    Differences from PyTorch, both forced by tracing (the indices are data, unknown when the
+    program is built): an index outside ``[0, prod(output spatial size))`` is dropped (nothing
+    is written) where PyTorch raises at run time. Where several inputs name one position
+    (overlapping windows), the last in row-major input order wins on every backend, which is
+    PyTorch's CPU result; PyTorch on GPU leaves it unspecified.
+
+    Args:
+      x: ``(*batch, *spatial, C)`` for channels_last or ``(*batch, C, *spatial)`` for
+        channels_first, a floating dtype.
+      indices: integer array shaped like ``x``, e.g. from ``max_pool(...,
+        return_indices=True)`` with the same window arguments.
+      window: the pooling window size per spatial axis, a sequence of ``n`` ints.
+      stride: an int or ``n`` ints; ``None`` means ``window``.
+      padding: the pooling padding: an int, ``n`` ints, ``n`` ``(lo, hi)`` pairs or "VALID"
+        ("SAME" depends on the pooled input's size: pass ``output_size`` instead).
+      output_size: ``None``, ``n`` spatial sizes, or the full output shape (batch and channel
+        sizes as in ``x``). Each spatial size must lie strictly between ``default - stride``
+        and ``default + stride``, where ``default = (in - 1)*s - lo - hi + k`` (PyTorch's rule).
+      data_format: "channels_last" or "channels_first".
+
+    Returns:
+      ``x.shape`` with the spatial sizes replaced by the output size, dtype ``x.dtype``.
+
+    Transformations: ``jit``, ``vmap``, ``grad``/``vjp`` and ``jvp`` with respect to ``x``
+    (the op is linear in ``x``: a gather; its gradient gathers the cotangent at ``indices``),
+    and higher orders (zero). ``indices`` are integers and carry no derivative.
+
+    Example:
+      >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+      >>> y, i = max_pool(x, (2, 2), return_indices=True)
+      >>> max_unpool(y, i, (2, 2))[0, ..., 0]
+      Array([[ 0.,  0.,  0.,  0.],
+             [ 0.,  5.,  0.,  7.],
+             [ 0.,  0.,  0.,  0.],
+             [ 0., 13.,  0., 15.]], dtype=float32)
+    """
+    x = check_floating(_FNAME, "x", x)
+    indices = _check_indices(x, indices)
+    n = spatial_rank(_FNAME, "window", window)
+    kernel = per_axis(_FNAME, "window", window, n)
+    strides = kernel if stride is None else per_axis(_FNAME, "stride", stride, n)
+    axes, channel_axis = layout_axes(_FNAME, x.ndim, n, data_format)
+    pads = resolve_padding(
+        _FNAME, padding, n, kernel=kernel, stride=strides, dilation=(1,) * n, allowed=("VALID",)
+    )
+    in_sizes = tuple(x.shape[a] for a in axes)
+    default = _default_sizes(in_sizes, kernel, strides, pads)
+    sizes = _output_sizes(output_size, default, strides, x.shape, axes)
+    lead = x.shape[: min(axes[0], channel_axis)]
+    order = (*range(len(lead)), channel_axis, *axes)
+    planes = (math.prod(lead) * x.shape[channel_axis], math.prod(in_sizes))
+    flat = _scatter_planes(
+        x.transpose(order).reshape(planes),
+        indices.transpose(order).reshape(planes),
+        math.prod(sizes),
+    )
+    out = flat.reshape((*lead, x.shape[channel_axis], *sizes))
+    inverse = [order.index(a) for a in range(x.ndim)]
+    return out.transpose(inverse)
