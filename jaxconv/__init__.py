@@ -4,6 +4,8 @@ from jaxconv._src.arithmetic import conv_output_size, conv_transpose_output_size
 from jaxconv._src.avg import avg_pool
 from jaxconv._src.conv import conv, conv_transpose
 from jaxconv._src.lp import lp_pool
+from jaxconv._src.max import max_pool
+from jaxconv._src.unpool import max_unpool
 
 __all__ = [
     "avg_pool",
@@ -12,6 +14,8 @@ __all__ = [
     "conv_transpose",
     "conv_transpose_output_size",
     "lp_pool",
+    "max_pool",
+    "max_unpool",
 ]
 
 __version__ = "0.1.0"
