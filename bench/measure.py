@@ -8,6 +8,8 @@ program is its compiled ``memory_analysis()``: argument + output + temporary buf
 """
 
 import dataclasses
+import hashlib
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -99,6 +101,23 @@ def memory(compiled) -> dict | None:
     return out
 
 
+def program_fingerprint(compiled) -> str | None:
+    """A short hash of the optimized XLA program, without names of source files and lines.
+
+    Two peers with the same fingerprint run the very same program (e.g. jaxconv.conv and the raw
+    ``lax.conv_general_dilated`` it wraps), whatever their timings say.
+    """
+    try:
+        text = compiled.as_text()
+    except Exception:  # not every backend can print its program
+        return None
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.match(r"^(%|ENTRY)", line)), 0)
+    body = "\n".join(lines[start:])
+    body = re.sub(r", (metadata|origin)=\{[^}]*\}", "", body)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
 def _jax_outputs(out) -> list[np.ndarray]:
     """The output and the first gradient (if any) as float32 numpy arrays."""
     leaves = jax.tree_util.tree_leaves(out)[:2]
@@ -135,6 +154,7 @@ def measure_jax(job: JaxJob, mode: str, settings: Settings) -> dict:
         "bytes_in": _nbytes(args),
         "bytes_out": _nbytes(out),
         "memory": memory(compiled),
+        "program": program_fingerprint(compiled),
         "_outputs": _jax_outputs(out),
     }
 

@@ -46,9 +46,10 @@ def _cell(r: dict | None) -> str:
 
 
 def _target_text(t: dict) -> str:
-    if "peer" in t:
-        return f"÷{t['peer']} ≤ {t['max_ratio']}"
-    return f"compile < {t['compile_s_max']} s"
+    if "peer" not in t:
+        return f"compile < {t['compile_s_max']} s"
+    same = " (same XLA program)" if t.get("same_program") else ""
+    return f"÷{t['peer']} ≤ {t['max_ratio']}{same}"
 
 
 def _targets_cell(case: dict) -> str:

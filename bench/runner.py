@@ -104,7 +104,7 @@ def run_case(case: Case, peers, settings: Settings, reference_gbps: float) -> di
         "reference_peer": reference,
         "peers": results,
         "ratios": ratios,
-        "targets": targets.evaluate(case, ratios, results.get("jaxconv", {})),
+        "targets": targets.evaluate(case, ratios, results),
     }
 
 

@@ -37,9 +37,13 @@ def test_json_has_machine_case_peers_and_ratios(report):
     peers = case["peers"]
     assert set(peers) == set(bench.runner.PEERS)
     assert peers["jaxconv"]["status"] in ("ok", "missing")
+    assert case["reference_peer"] == "torch_nchw"
     for peer in ("flax", "equinox", "torch_nchw", "torch_cl"):
         assert peers[peer]["status"] == "ok", peers[peer]
         assert peers[peer]["bandwidth_fraction"] > 0
+        # same inputs and cotangent in every layout: outputs and input gradients must agree
+        assert peers[peer]["agrees"], peers[peer]["max_rel_diff"]
+    assert len(peers["flax"]["program"]) == 16
     assert peers["flax"]["memory"]["peak_bytes"] > 0
     assert peers["lax"]["status"] == "n/a"
     if peers["jaxconv"]["status"] == "ok":
