@@ -1,0 +1,333 @@
+"""Numerical edge cases: zero and constant windows, inf and NaN, magnitudes, dtypes, large p.
+
+PyTorch CPU is the oracle where it computes the same thing (NaN/inf propagation, tie rules);
+elsewhere the expected value follows from the definition (the max of equal values, the norm of a
+constant window) and is computed in float64. Every op runs under ``jax.jit``.
+"""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jaxconv
+
+HALF_DTYPES = [jnp.float16, jnp.bfloat16]
+
+
+def op(name):
+    fn = getattr(jaxconv, name, None)
+    if fn is None:
+        pytest.skip(f"jaxconv.{name} is not available")
+    return fn
+
+
+# Every op as ``f(x)`` on a 2-D channels_last x (*batch, H, W, C); values only.
+def _samples(x):
+    return jnp.full((*x.shape[:-3], x.shape[-1], 2), 0.37, x.dtype)
+
+
+OPS = {
+    "max_pool": lambda x: op("max_pool")(x, (2, 2), 1, 1, ceil_mode=True),
+    "avg_pool": lambda x: op("avg_pool")(x, (3, 3), 2, 1, ceil_mode=True),
+    "lp_pool2": lambda x: op("lp_pool")(x, 2.0, (2, 2), 1, 1),
+    "lp_pool3.5": lambda x: op("lp_pool")(x, 3.5, (2, 2), 2),
+    "lp_pool_inf": lambda x: op("lp_pool")(x, math.inf, (2, 2), 2),
+    "adaptive_avg_pool": lambda x: op("adaptive_avg_pool")(x, (3, 2)),
+    "adaptive_max_pool": lambda x: op("adaptive_max_pool")(x, (3, 2)),
+    "fractional_max_pool": lambda x: op("fractional_max_pool")(
+        x, (2, 2), output_size=(3, 3), samples=_samples(x)
+    ),
+    "conv": lambda x: op("conv")(x, jnp.ones((2, 2, x.shape[-1], 2), x.dtype), padding=1),
+    "conv_transpose": lambda x: op("conv_transpose")(
+        x, jnp.ones((2, 2, 2, x.shape[-1]), x.dtype), stride=2
+    ),
+}
+# Ops whose value on a constant window equals the constant.
+CONSTANT_PRESERVING = ["max_pool", "adaptive_avg_pool", "adaptive_max_pool", "fractional_max_pool"]
+
+
+def jit_value_and_grad(f, x):
+    """``f(x)`` and the gradient of ``sum(f(x) * cot)`` from one jitted call (cot fixed)."""
+
+    def loss(x):
+        y = f(x)
+        cot = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+        return jnp.sum(y.astype(jnp.float32) * cot)
+
+    return jax.jit(lambda x: (f(x), jax.grad(loss)(x)))(x)
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1)))
+
+
+def nhwc(t):
+    return np.moveaxis(t.detach().numpy(), 1, -1)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_all_zero_input_gives_zeros_and_finite_gradients(name):
+    x = jnp.zeros((2, 5, 6, 3), jnp.float32)
+    y, g = jit_value_and_grad(OPS[name], x)
+    np.testing.assert_array_equal(np.asarray(y), 0.0)
+    assert np.isfinite(np.asarray(g)).all(), f"{name}: non-finite gradient at zero input"
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 3.0, 7.5, math.inf])
+def test_lp_zero_windows_have_zero_gradient(p):
+    """Zero windows (partially zero input) give 0 and a zero gradient, never NaN (also d/dp)."""
+    x = jnp.zeros((1, 4, 4, 1), jnp.float32).at[0, 0, 0, 0].set(2.0)
+    f = op("lp_pool")
+    y, g = jit_value_and_grad(lambda x: f(x, p, (2, 2)), x)
+    expected = np.zeros((1, 2, 2, 1), np.float32)
+    expected[0, 0, 0, 0] = 2.0
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-6)
+    assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_array_equal(np.asarray(g)[0, 2:, :, 0], 0.0)
+    if not math.isinf(p):
+        dp = jax.jit(jax.grad(lambda p: f(x, p, (2, 2)).sum()))(jnp.float32(p))
+        assert np.isfinite(float(dp))
+
+
+@pytest.mark.parametrize("name", CONSTANT_PRESERVING)
+@pytest.mark.parametrize("value", [-3.25, 0.0, 7.0])
+def test_constant_input_is_preserved(name, value):
+    x = jnp.full((2, 5, 6, 3), value, jnp.float32)
+    y, g = jit_value_and_grad(OPS[name], x)
+    np.testing.assert_array_equal(np.asarray(y), value)
+    assert np.isfinite(np.asarray(g)).all()
+
+
+def test_lp_of_constant_window_is_scaled_constant():
+    x = jnp.full((1, 4, 4, 2), -1.5, jnp.float32)
+    for p in (1.0, 2.0, 3.0, 5.5):
+        y = jax.jit(lambda x, p=p: op("lp_pool")(x, p, (2, 2)))(x)
+        np.testing.assert_allclose(np.asarray(y), 1.5 * 4 ** (1 / p), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_max_pool_ties_pick_the_first_maximum_like_pytorch(dims):
+    """All-equal windows and ties with padding: indices and gradient as PyTorch."""
+    rng = np.random.default_rng(dims)
+    shape = (2, 3) + (5,) * dims
+    x = rng.integers(0, 2, size=shape).astype(np.float32)  # many ties
+    window, pool = (3,) * dims, (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
+    f = op("max_pool")
+    fn = jax.jit(
+        lambda x: f(
+            x, window, 2, 1, ceil_mode=True, return_indices=True, data_format="channels_first"
+        )
+    )
+    y, idx = fn(jnp.asarray(x))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt, it = pool(xt, window, 2, 1, 1, True, return_indices=True)
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(idx), it.numpy())
+    cot = np.cos(np.arange(yt.numel())).reshape(yt.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(cot))
+    g = jax.jit(jax.grad(lambda x: jnp.sum(fn(x)[0] * cot)))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(g), xt.grad.numpy(), rtol=1e-6)
+
+
+SPECIALS = [np.nan, np.inf, -np.inf]
+
+
+def _special_input(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    flat = x.reshape(-1)
+    pos = rng.choice(flat.size, 30, replace=False)
+    flat[pos] = rng.choice(SPECIALS, 30)
+    x[0, 0, :3, :3] = -np.inf  # an all -inf window
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_max_pool_nan_and_inf_like_pytorch(seed):
+    x = _special_input(seed)
+    f = op("max_pool")
+    y, idx = jax.jit(
+        lambda x: f(x, (3, 3), 2, 1, return_indices=True, data_format="channels_first")
+    )(jnp.asarray(x))
+    yt, it = F.max_pool2d(torch.from_numpy(x), 3, 2, 1, return_indices=True)
+    np.testing.assert_array_equal(np.asarray(y), yt.numpy())  # NaN == NaN here
+    np.testing.assert_array_equal(np.asarray(idx), it.numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adaptive_max_nan_and_inf_like_pytorch(seed):
+    x = _special_input(seed)
+    f = op("adaptive_max_pool")
+    y, idx = jax.jit(lambda x: f(x, (4, 3), return_indices=True, data_format="channels_first"))(
+        jnp.asarray(x)
+    )
+    yt, it = F.adaptive_max_pool2d(torch.from_numpy(x), (4, 3), return_indices=True)
+    np.testing.assert_array_equal(np.asarray(y), yt.numpy())
+    np.testing.assert_array_equal(np.asarray(idx), it.numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_avg_nan_and_inf_like_pytorch(seed):
+    x = _special_input(seed)
+    y = jax.jit(lambda x: op("avg_pool")(x, (3, 3), 2, 1, data_format="channels_first"))(
+        jnp.asarray(x)
+    )
+    yt = F.avg_pool2d(torch.from_numpy(x), 3, 2, 1)
+    np.testing.assert_allclose(np.asarray(y), yt.numpy(), rtol=1e-5, atol=1e-6)
+    ya = jax.jit(lambda x: op("adaptive_avg_pool")(x, (4, 3), data_format="channels_first"))(
+        jnp.asarray(x)
+    )
+    np.testing.assert_allclose(
+        np.asarray(ya), F.adaptive_avg_pool2d(torch.from_numpy(x), (4, 3)).numpy(), rtol=1e-5
+    )
+
+
+def test_lp_nan_and_inf():
+    """NaN propagates; an inf in a window gives inf (the norm is infinite); elsewhere finite."""
+    x = np.ones((1, 4, 4, 1), np.float32)
+    x[0, 0, 0, 0], x[0, 3, 3, 0] = np.nan, -np.inf  # windows (0, 0) and (1, 1)
+    for p in (1.0, 2.0, 3.5, math.inf):
+        y = np.asarray(jax.jit(lambda x, p=p: op("lp_pool")(x, p, (2, 2)))(jnp.asarray(x)))
+        assert np.isnan(y[0, 0, 0, 0]) and y[0, 1, 1, 0] == np.inf, (p, y)
+        np.testing.assert_allclose(y[0, [0, 1], [1, 0], 0], 4 ** (1 / p), rtol=1e-6)
+
+
+# --- magnitudes ---------------------------------------------------------------------------------
+
+MAGNITUDES = [
+    (jnp.float32, 1e38),
+    (jnp.float32, 1e-30),
+    (jnp.float16, 6e4),
+    (jnp.float16, 1e-4),
+    (jnp.bfloat16, 1e38),
+]
+
+
+@pytest.mark.parametrize(("dtype", "scale"), MAGNITUDES)
+@pytest.mark.parametrize("name", ["max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"])
+def test_extreme_magnitudes_stay_finite(name, dtype, scale):
+    """Averages and maxima of representable values are representable: no overflow inside."""
+    rng = np.random.default_rng(0)
+    x64 = scale * rng.uniform(0.5, 1.0, (2, 5, 6, 3))
+    y = jax.jit(OPS[name])(jnp.asarray(x64, dtype))
+    want = jax.jit(OPS[name])(jnp.asarray(x64))  # float64
+    chex.assert_trees_all_equal_dtypes(y, jnp.zeros((), dtype))
+    assert np.isfinite(np.asarray(y, np.float64)).all(), f"{name} overflows at {scale} in {dtype}"
+    rtol = {jnp.float32: 1e-6, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}[dtype]
+    np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(want), rtol=rtol)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [*MAGNITUDES, (jnp.float16, 1e4)])
+@pytest.mark.parametrize("p", [2.0, 16.0, math.inf])
+def test_lp_extreme_magnitudes(dtype, scale, p):
+    """Scaled by the window max: no overflow or underflow of |x|^p, in every dtype."""
+    rng = np.random.default_rng(1)
+    x64 = scale * rng.uniform(0.5, 1.0, (1, 4, 4, 2)) / 4  # the norm stays representable
+    y, g = jit_value_and_grad(lambda x: op("lp_pool")(x, p, (2, 2)), jnp.asarray(x64, dtype))
+    want = np.asarray(jax.jit(lambda x: op("lp_pool")(x, p, (2, 2)))(jnp.asarray(x64)))
+    assert y.dtype == dtype
+    assert np.isfinite(np.asarray(y, np.float64)).all()
+    rtol = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}[dtype]
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=rtol)
+    assert np.isfinite(np.asarray(g, np.float64)).all()
+
+
+@pytest.mark.parametrize(("dtype", "tiny"), [(jnp.float32, 1e-45), (jnp.float64, 5e-324)])
+def test_subnormal_inputs_give_finite_results(dtype, tiny):
+    """Subnormal inputs: finite, non-negative results no larger than exact (XLA's CPU backend
+    flushes subnormals to zero in any computation, so 0 is allowed), finite gradients."""
+    x = jnp.full((1, 4, 4, 2), tiny, dtype)
+    for name in ("max_pool", "avg_pool", "lp_pool2", "lp_pool_inf", "adaptive_avg_pool"):
+        y, g = jit_value_and_grad(OPS[name], x)
+        y = np.asarray(y, np.float64)
+        assert np.isfinite(y).all() and (y >= 0).all(), name
+        assert (y <= 2 * tiny * 4).all(), name
+        assert np.isfinite(np.asarray(g, np.float64)).all(), name
+
+
+# --- dtypes -------------------------------------------------------------------------------------
+
+
+_FLOAT32 = {}
+
+
+def _float32_result(name, x):
+    """The float32 value and gradient of an op on the float32 copy of the half input (cached)."""
+    key = (name, np.asarray(x).tobytes())
+    if key not in _FLOAT32:
+        _FLOAT32[key] = jit_value_and_grad(OPS[name], x)
+    return _FLOAT32[key]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("name", list(OPS))
+def test_half_dtypes_match_float32(name, dtype):
+    """float16/bfloat16 in, the same dtype out, close to the float32 result; gradients too."""
+    rng = np.random.default_rng(2)
+    x32 = jnp.asarray(rng.standard_normal((2, 5, 6, 3)), jnp.float32)
+    x = x32.astype(dtype)
+    y, g = jit_value_and_grad(OPS[name], x)
+    y32, g32 = _float32_result(name, x.astype(jnp.float32))
+    assert y.dtype == dtype and g.dtype == dtype
+    tol = {jnp.float16: 5e-3, jnp.bfloat16: 3e-2}[dtype]
+    scale = float(jnp.max(jnp.abs(y32)))
+    np.testing.assert_allclose(np.asarray(y, np.float32), y32, rtol=tol, atol=tol * scale)
+    gscale = float(jnp.max(jnp.abs(g32)))
+    np.testing.assert_allclose(np.asarray(g, np.float32), g32, rtol=tol, atol=2 * tol * gscale)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_float64_in_float64_out(name):
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 6, 3)))
+    y, g = jit_value_and_grad(OPS[name], x)
+    assert y.dtype == jnp.float64 and g.dtype == jnp.float64
+    assert np.isfinite(np.asarray(g)).all()
+
+
+def test_max_unpool_half_dtypes_and_indices_dtypes():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 6, 6, 3)), jnp.float32)
+    values, idx = jax.jit(lambda x: op("max_pool")(x, (2, 2), return_indices=True))(x)
+    ref = jax.jit(lambda v, i: op("max_unpool")(v, i, (2, 2)))(values, idx)
+    for dtype in HALF_DTYPES:
+        for idt in (jnp.int32, jnp.int64):
+            out = jax.jit(lambda v, i: op("max_unpool")(v, i, (2, 2)))(
+                values.astype(dtype), idx.astype(idt)
+            )
+            assert out.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(out, np.float32), ref.astype(dtype))
+
+
+# --- large p ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [64.0, 1000.0])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_lp_large_p_tends_to_max_abs(p, dtype):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)) * 100, dtype)
+    y, g = jit_value_and_grad(lambda x: op("lp_pool")(x, p, (3, 3)), x)
+    y = np.asarray(y, np.float64)
+    m = np.asarray(jax.jit(lambda x: op("lp_pool")(x, math.inf, (3, 3)))(x), np.float64)
+    assert np.isfinite(y).all()
+    # max|x| <= ||x||_p <= 9^(1/p) max|x|
+    slack = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}[dtype]
+    assert (y >= m * (1 - slack)).all() and (y <= m * 9 ** (1 / p) * (1 + slack)).all()
+    assert np.isfinite(np.asarray(g, np.float64)).all()
+    gp = jax.jit(jax.grad(lambda p: op("lp_pool")(x.astype(jnp.float32), p, (3, 3)).sum()))(
+        jnp.float32(p)
+    )
+    assert np.isfinite(float(gp))
+
+
+def test_lp_p1_is_window_size_times_avg_on_nonnegative_input():
+    """The seed's identity: p = 1 on x >= 0 is |S| * avg_pool."""
+    x = jnp.abs(jnp.asarray(np.random.default_rng(6).standard_normal((2, 6, 6, 3))))
+    lp = jax.jit(lambda x: op("lp_pool")(x, 1.0, (2, 3)))(x)
+    avg = jax.jit(lambda x: op("avg_pool")(x, (2, 3)))(x)
+    np.testing.assert_allclose(np.asarray(lp), 6 * np.asarray(avg), rtol=1e-12)
