@@ -1,0 +1,238 @@
+"""Adaptive average and max pooling with PyTorch's exact window boundaries.
+
+Output ``i`` of an axis of input length ``In`` and output length ``Out`` reads the input interval
+``[floor(i*In/Out), ceil((i+1)*In/Out))`` (PyTorch's ``AdaptivePooling.h``), for any
+``In, Out >= 1``. Each spatial axis is an :class:`AdaptivePlan`: static numpy starts and lengths,
+``k = max(length)`` taps, tap ``j`` valid where ``j < length``. Its taps are ``k`` strided slices
+when the starts are an arithmetic progression (``In % Out == 0``, ``Out == 1`` and cases such as
+50 -> 7), otherwise ``k`` gathers with static indices; either way the program size depends on
+``k`` and never on the number of outputs.
+
+Max reuses the shared selection of :mod:`jaxconv._src.select` (PyTorch's tie rule, flat indices,
+the linear ``custom_jvp`` tangent). Average sums the taps under their masks, exactly as PyTorch
+does (no cumulative sum, which loses precision on long axes), and divides by the product of the
+per-axis lengths. Its fast paths: an axis with ``In % Out == 0`` is summed after a reshape
+(all such axes in one reduction), and ``Out == In`` axes are skipped.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxconv._src.args import check_bool, check_floating, is_int, layout_axes, spatial_rank
+from jaxconv._src.select import max_and_index, max_reduce
+from jaxconv._src.window import along
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptivePlan:
+    """The adaptive windows of one spatial axis (array axis ``axis``), ``size -> out``."""
+
+    axis: int
+    size: int
+    out: int
+
+    @property
+    def starts(self) -> np.ndarray:
+        return (np.arange(self.out, dtype=np.int64) * self.size) // self.out
+
+    @property
+    def lengths(self) -> np.ndarray:
+        ends = -((-np.arange(1, self.out + 1, dtype=np.int64) * self.size) // self.out)
+        return ends - self.starts
+
+    @property
+    def kernel(self) -> int:
+        return int(self.lengths.max())
+
+    @property
+    def stride(self) -> int | None:
+        """The common step of the starts when they form an arithmetic progression, else None."""
+        if self.out == 1:
+            return 1
+        steps = np.diff(self.starts)
+        return int(steps[0]) if np.all(steps == steps[0]) else None
+
+    # The plan protocol of jaxconv._src.select (``aux`` is unused: the plan is static).
+    def taps(self, x, fill, aux=None) -> list[jax.Array]:
+        """Tap ``j``: the input at ``start + j`` for every output (``fill`` past the end)."""
+        stride = self.stride
+        if stride is not None:
+            need = (self.out - 1) * stride + self.kernel - self.size
+            xp = _pad_high(x, self.axis, need, fill)
+            stop = (self.out - 1) * stride + 1
+            return [
+                lax.slice_in_dim(xp, j, j + stop, stride, self.axis) for j in range(self.kernel)
+            ]
+        unique = self.out <= self.size
+        fill_value = np.asarray(fill).item()
+        return [
+            jnp.take(
+                x,
+                jnp.asarray(self.starts + j, jnp.int32),
+                axis=self.axis,
+                mode="fill",
+                fill_value=fill_value,
+                unique_indices=unique,
+                indices_are_sorted=True,
+            )
+            for j in range(self.kernel)
+        ]
+
+    def valid(self, ndim: int) -> list[np.ndarray | None]:
+        lengths = self.lengths
+        return [
+            None if np.all(lengths > j) else along(lengths > j, self.axis, ndim)
+            for j in range(self.kernel)
+        ]
+
+    def position(self, offset, aux=None) -> jax.Array:
+        start = along(self.starts, self.axis, offset.ndim).astype(np.int32)
+        return jnp.asarray(start) + offset.astype(jnp.int32)
+
+
+def _pad_high(x, axis, amount, fill):
+    if amount <= 0:
+        return x
+    config = [(0, 0, 0)] * x.ndim
+    config[axis] = (0, amount, 0)
+    return lax.pad(x, jnp.asarray(fill, x.dtype), config)
+
+
+def adaptive_plans(fname: str, shape, output_size, data_format) -> tuple[AdaptivePlan, ...]:
+    """Validate the arguments and build one plan per spatial axis (``None`` keeps the size)."""
+    n = spatial_rank(fname, "output_size", output_size)
+    for value in output_size:
+        if value is not None and (not is_int(value) or value < 1):
+            raise ValueError(
+                f"{fname}: `output_size` entries must be ints >= 1 or None, got {output_size!r}."
+            )
+    axes, _ = layout_axes(fname, len(shape), n, data_format)
+    sizes = tuple(shape[a] for a in axes)
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"{fname}: spatial sizes of `x` must be >= 1, got {sizes}.")
+    return tuple(
+        AdaptivePlan(a, s, s if o is None else int(o))
+        for a, s, o in zip(axes, sizes, output_size, strict=True)
+    )
+
+
+def _sum_divisible(x, plans):
+    """Sum every ``In % Out == 0`` axis over its windows with one reshape and one reduction."""
+    shape, reduce_axes = [], []
+    plan_of = {p.axis: p for p in plans}
+    for axis, size in enumerate(x.shape):
+        plan = plan_of.get(axis)
+        if plan is None:
+            shape.append(size)
+        else:
+            shape.extend((plan.out, size // plan.out))
+            reduce_axes.append(len(shape) - 1)
+    return jnp.sum(x.reshape(shape), axis=tuple(reduce_axes))
+
+
+def _sum_masked(x, plan):
+    """Sum along one axis over its windows: the taps under their validity masks."""
+    total = None
+    for tap, ok in zip(plan.taps(x, 0), plan.valid(x.ndim), strict=True):
+        term = tap if ok is None else jnp.where(ok, tap, jnp.zeros((), tap.dtype))
+        total = term if total is None else total + term
+    return total
+
+
+def _divisor(plans, ndim):
+    total = np.ones((1,) * ndim)
+    for plan in plans:
+        total = total * along(plan.lengths.astype(np.float64), plan.axis, ndim)
+    return float(total.item()) if total.size == 1 else total
+
+
+def adaptive_avg_pool(
+    x: ArrayLike, output_size, *, data_format: str = "channels_last"
+) -> jax.Array:
+    """Adaptive average pooling over ``n = len(output_size)`` spatial axes, as PyTorch.
+
+    Along each axis of input length ``In`` and output length ``Out``, output ``i`` averages the
+    input interval ``[floor(i*In/Out), ceil((i+1)*In/Out))`` (``AdaptiveAvgPool{1,2,3}d``), for
+    any ``In, Out >= 1``, including ``Out > In`` and ``In % Out != 0``. The window is the product
+    of the per-axis intervals and the divisor its size. float16 and bfloat16 inputs are summed in
+    float32 and the result is returned in the input dtype.
+
+    Args:
+      x: ``(*batch, *spatial, C)`` for channels_last or ``(*batch, C, *spatial)`` for
+        channels_first, a floating dtype.
+      output_size: a sequence of ``n`` entries, each an int >= 1 or ``None`` (keep that axis).
+      data_format: "channels_last" or "channels_first".
+
+    Returns:
+      ``x.shape`` with the spatial sizes replaced by ``output_size``, dtype ``x.dtype``.
+
+    Transformations: ``jit``, ``vmap``, ``grad``/``vjp``, ``jvp`` and higher orders: the op is
+    linear in ``x`` (slices, reshapes, static-index gathers and adds).
+
+    Example:
+      >>> x = jnp.arange(10.0).reshape(1, 10, 1)
+      >>> adaptive_avg_pool(x, (3,))[0, :, 0]
+      Array([1.5, 4.5, 7.5], dtype=float32)
+    """
+    fname = "adaptive_avg_pool"
+    x = check_floating(fname, "x", x)
+    plans = adaptive_plans(fname, x.shape, output_size, data_format)
+    plans = tuple(p for p in plans if p.out != p.size)
+    compute = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
+    total = x.astype(compute)
+    divisible = tuple(p for p in plans if p.size % p.out == 0)
+    if divisible:
+        total = _sum_divisible(total, divisible)
+    for plan in plans:
+        if plan.size % plan.out:
+            total = _sum_masked(total, plan)
+    div = _divisor(plans, x.ndim)
+    return (total / jnp.asarray(div, compute)).astype(x.dtype)
+
+
+def adaptive_max_pool(
+    x: ArrayLike,
+    output_size,
+    *,
+    return_indices: bool = False,
+    data_format: str = "channels_last",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Adaptive max pooling over ``n = len(output_size)`` spatial axes, as PyTorch.
+
+    The windows are those of :func:`adaptive_avg_pool`: along each axis, output ``i`` reads
+    ``[floor(i*In/Out), ceil((i+1)*In/Out))``. Within a window the first maximum in row-major
+    order wins and NaN propagates (the last NaN wins), as in ``AdaptiveMaxPool{1,2,3}d``.
+
+    Args:
+      x: ``(*batch, *spatial, C)`` for channels_last or ``(*batch, C, *spatial)`` for
+        channels_first, a floating dtype.
+      output_size: a sequence of ``n`` entries, each an int >= 1 or ``None`` (keep that axis).
+      return_indices: also return the position of every maximum.
+      data_format: "channels_last" or "channels_first".
+
+    Returns:
+      The pooled array (``x.shape`` with the spatial sizes replaced by ``output_size``, dtype
+      ``x.dtype``); with ``return_indices``, also the int32 flat index of each maximum in the
+      spatial volume of its (batch, channel), PyTorch's convention (``h*W + w`` in 2-D).
+
+    Transformations: ``jit``, ``vmap``, ``grad``/``vjp``, ``jvp`` and higher orders; the
+    derivative sends the cotangent to the selected maximum only, as PyTorch's.
+
+    Example:
+      >>> x = jnp.array([[0.0, 3.0, 1.0, 2.0, 5.0]])[..., None]
+      >>> adaptive_max_pool(x, (2,))[0, :, 0]
+      Array([3., 5.], dtype=float32)
+    """
+    fname = "adaptive_max_pool"
+    x = check_floating(fname, "x", x)
+    return_indices = check_bool(fname, "return_indices", return_indices)
+    plans = adaptive_plans(fname, x.shape, output_size, data_format)
+    aux = (None,) * len(plans)
+    if not return_indices:
+        return max_reduce(x, aux, plans)
+    return max_and_index(x, aux, plans, tuple(p.size for p in plans))

@@ -1,0 +1,443 @@
+"""Fractional max pooling: PyTorch's kernel-based sequences and Graham's ratio-based ones.
+
+Both are box windows whose per-axis starts are random, so each spatial axis is a
+:class:`FractionalPlan` whose traced data (``aux``) is ``(start, length)``: the window start of
+every output position (per batch and channel for PyTorch's sequences, shared for Graham's) and,
+for Graham's variable windows, the window lengths. The max, PyTorch's tie rule, the flat indices
+and the linear ``custom_jvp`` tangent all come from :mod:`jaxconv._src.select`.
+
+PyTorch's sequence (``FractionalMaxPooling.h``), for input length ``in``, window ``k``, output
+length ``out`` and a sample ``u`` in [0, 1) per (batch, channel, axis), computed in the sample's
+dtype exactly as PyTorch does (``alpha`` rounded to that dtype, then the products)::
+
+    alpha = (in - k) / (out - 1)
+    start[i] = int((i + u) * alpha) - int(u * alpha)     for i < out - 1
+    start[out - 1] = in - k                              (also when out == 1)
+
+Graham's sequences (Graham 2014, ``tf.nn.fractional_max_pool``) are cumulative boundaries
+``0 = a[0] < a[1] < ... < a[out] = in`` whose increments are ``floor(in/out)`` or
+``ceil(in/out)``: a random permutation of those increments ("random"), or
+``a[i] = ceil(alpha*(i + u)) - 1`` with ``alpha = in/out`` and one ``u`` ("pseudo-random").
+Window ``i`` is ``[a[i], a[i+1])``, or ``[a[i], min(a[i+1], in - 1)]`` when overlapping.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxconv._src.args import (
+    check_bool,
+    check_floating,
+    layout_axes,
+    per_axis,
+    spatial_rank,
+)
+from jaxconv._src.select import max_and_index, max_reduce
+
+
+@dataclasses.dataclass(frozen=True)
+class FractionalPlan:
+    """Windows of ``kernel`` taps (at most) along array axis ``axis``, starts given as ``aux``.
+
+    ``aux = (start, length)``. ``start`` is an int32 array of the window starts that broadcasts
+    against the array with ``out`` entries along ``axis``, or a 1-D array of ``out`` starts shared
+    by every other axis. ``length`` is None (every window has ``kernel`` elements) or the window
+    lengths, shaped like ``start``; taps past a window's end re-read its last element, which
+    never changes the winner's position (see :meth:`position`).
+    """
+
+    axis: int
+    size: int
+    kernel: int
+    out: int
+
+    def _spread(self, v, ndim):
+        """A 1-D per-output array shaped to broadcast along ``axis``; others pass through."""
+        if v.ndim != 1 or ndim == 1:
+            return v
+        shape = [1] * ndim
+        shape[self.axis] = v.shape[0]
+        return v.reshape(shape)
+
+    def _index(self, aux, j, ndim):
+        start, length = aux
+        step = j if length is None else jnp.minimum(j, length - 1)
+        return self._spread(start + step, ndim)
+
+    # The plan protocol of jaxconv._src.select.
+    def taps(self, x, fill, aux) -> list[jax.Array]:
+        del fill  # every tap reads real input
+        return [_take(x, self._index(aux, j, x.ndim), self.axis) for j in range(self.kernel)]
+
+    def valid(self, ndim: int) -> list[None]:
+        return [None] * self.kernel
+
+    def position(self, offset, aux) -> jax.Array:
+        return self._index(aux, offset.astype(jnp.int32), offset.ndim)
+
+
+def _take(x, index, axis):
+    if index.ndim == 1 and x.ndim > 1:
+        return jnp.take(x, index, axis=axis, mode="promise_in_bounds")
+    return jnp.take_along_axis(x, index, axis=axis, mode="promise_in_bounds")
+
+
+def pool(x, plans, aux, return_indices):
+    """The max over the plans' windows (and the flat indices of the winners)."""
+    if not return_indices:
+        return max_reduce(x, aux, plans)
+    return max_and_index(x, aux, plans, tuple(p.size for p in plans))
+
+
+# PyTorch's kernel-based sequence.
+
+
+def _alpha(size: int, out: int, kernel: int, dtype) -> np.ndarray:
+    """``(in - k) / (out - 1)`` rounded as PyTorch rounds it in ``dtype``.
+
+    float16/bfloat16: both operands are converted to ``dtype``, divided in float32 and the
+    quotient rounded to ``dtype`` (c10's Half/BFloat16 arithmetic).
+    """
+    dtype = np.dtype(dtype)
+    if dtype.itemsize >= 4:
+        return np.asarray(size - kernel, dtype) / np.asarray(out - 1, dtype)
+    num = np.asarray(size - kernel).astype(dtype).astype(np.float32)
+    den = np.asarray(out - 1).astype(dtype).astype(np.float32)
+    return (num / den).astype(dtype)
+
+
+def torch_starts(u: jax.Array, size: int, out: int, kernel: int) -> jax.Array:
+    """PyTorch's window starts for samples ``u`` (any shape): int32, shape ``(*u.shape, out)``."""
+    last = jnp.full((*u.shape, 1), size - kernel, jnp.int32)
+    if out == 1:
+        return last
+    alpha = jnp.asarray(_alpha(size, out, kernel, u.dtype))
+    i = jnp.arange(out - 1).astype(u.dtype)
+    u = u[..., None]
+    start = ((i + u) * alpha).astype(jnp.int32) - (u * alpha).astype(jnp.int32)
+    return jnp.concatenate([start, last], axis=-1)
+
+
+# Graham's ratio-based sequences.
+
+
+def graham_random_boundaries(key: jax.Array, size: int, out: int) -> jax.Array:
+    """``out + 1`` boundaries from ``0`` to ``size``: a random order of the increments."""
+    k, extra = divmod(size, out)
+    steps = jnp.where(jnp.arange(out) < extra, k + 1, k).astype(jnp.int32)
+    steps = jax.random.permutation(key, steps)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(steps, dtype=jnp.int32)])
+
+
+def _pseudo_random_grid(size: int, out: int) -> tuple[int, int]:
+    """``u = m / (size*q)`` with an integer ``m`` in ``[1, q*top]``: ``(q, top)``.
+
+    ``top / size`` is Graham's largest admissible ``u`` (``min((k+2)/alpha - 1,
+    (size+1-k)/alpha - (out-1))`` with ``k = size // out``, both multiples of ``1/size``), so
+    every increment lies in ``{k, k+1}``; ``q`` refines the grid as far as int32 allows.
+    """
+    k = size // out
+    top = min((k + 2) * out - size, size + out - k * out)
+    q = max(1, (2**30) // (size * out + top))
+    return q, top
+
+
+def graham_pseudo_random_boundaries(key: jax.Array, size: int, out: int) -> jax.Array:
+    """``out + 1`` boundaries ``a[i] = ceil(alpha*(i + u)) - 1``, ``a[0] = 0``, ``a[out] = size``.
+
+    Exact integer arithmetic: with ``u = m / (size*q)``, ``ceil(alpha*(i + u)) - 1 =
+    floor((size*q*i + m - 1) / (out*q))``.
+    """
+    q, top = _pseudo_random_grid(size, out)
+    m = jax.random.randint(key, (), 1, q * top + 1, dtype=jnp.int32)
+    i = jnp.arange(1, out, dtype=jnp.int32)
+    inner = (size * q * i + m - 1) // (out * q)
+    ends = jnp.array([0], jnp.int32), jnp.array([size], jnp.int32)
+    return jnp.concatenate([ends[0], inner, ends[1]])
+
+
+def graham_windows(bounds: jax.Array, size: int, overlapping: bool):
+    """Window starts and lengths from the boundaries (overlapping: the right one included)."""
+    start = bounds[:-1]
+    stop = jnp.minimum(bounds[1:] + 1, size) if overlapping else bounds[1:]
+    return start, stop - start
+
+
+def graham_kernel(size: int, out: int, overlapping: bool) -> int:
+    """The longest window: ``floor(in/out)``, plus one if it does not divide, plus overlap."""
+    return size // out + int(size % out != 0) + int(overlapping)
+
+
+# Argument checking.
+
+
+def _ratios(fname: str, output_ratio, n: int) -> tuple[float, ...]:
+    if isinstance(output_ratio, (int, float)) and not isinstance(output_ratio, bool):
+        ratios = (float(output_ratio),) * n
+    elif isinstance(output_ratio, Sequence) and not isinstance(output_ratio, str):
+        if len(output_ratio) != n or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) for r in output_ratio
+        ):
+            raise ValueError(
+                f"{fname}: `output_ratio` must be a float or a sequence of {n} floats, "
+                f"got {output_ratio!r}."
+            )
+        ratios = tuple(float(r) for r in output_ratio)
+    else:
+        raise TypeError(
+            f"{fname}: `output_ratio` must be a float or a sequence of {n} floats, "
+            f"got {output_ratio!r} of type {type(output_ratio).__name__}."
+        )
+    if not all(0.0 < r < 1.0 for r in ratios):
+        raise ValueError(
+            f"{fname}: every `output_ratio` must lie in the open interval (0, 1), "
+            f"got {output_ratio!r}."
+        )
+    return ratios
+
+
+def check_one_size(fname, output_size, output_ratio):
+    if (output_size is None) == (output_ratio is None):
+        raise ValueError(
+            f"{fname}: pass exactly one of `output_size` and `output_ratio`, got "
+            f"output_size={output_size!r} and output_ratio={output_ratio!r}."
+        )
+
+
+def output_sizes(fname, sizes, output_size, output_ratio) -> tuple[int, ...]:
+    """Exactly one of ``output_size`` / ``output_ratio`` as ``n`` output lengths >= 1."""
+    n = len(sizes)
+    check_one_size(fname, output_size, output_ratio)
+    if output_size is not None:
+        return per_axis(fname, "output_size", output_size, n)
+    outs = tuple(int(s * r) for s, r in zip(sizes, _ratios(fname, output_ratio, n), strict=True))
+    if any(o < 1 for o in outs):
+        raise ValueError(
+            f"{fname}: `output_ratio` {output_ratio!r} gives the output size {outs} for the "
+            f"input size {sizes}; every output size must be >= 1."
+        )
+    return outs
+
+
+def check_fits(fname, sizes, outs, kernel):
+    """``out + k - 1 <= in`` on every axis."""
+    for axis, (size, out, k) in enumerate(zip(sizes, outs, kernel, strict=True)):
+        if out + k - 1 > size:
+            raise ValueError(
+                f"{fname}: output size {out} with window {k} does not fit spatial axis {axis} "
+                f"of size {size}; need output_size + window - 1 <= input size."
+            )
+
+
+def check_key(fname: str, key) -> jax.Array:
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not ((typed and key.shape == ()) or (key.dtype == jnp.uint32 and key.shape == (2,))):
+        raise TypeError(
+            f"{fname}: `key` must be a single PRNG key (jax.random.key(...) or "
+            f"jax.random.PRNGKey(...)), got dtype {key.dtype} and shape {key.shape}."
+        )
+    return key
+
+
+def _samples(fname, x, key, samples, n, lead, channels) -> jax.Array:
+    """The samples ``u``, shape ``(*lead, C, n)`` in ``x.dtype``, from ``key`` or ``samples``."""
+    if (key is None) == (samples is None):
+        got = "neither" if key is None else "both"
+        raise ValueError(f"{fname}: pass exactly one of `key` and `samples`, got {got}.")
+    shape = (*lead, channels, n)
+    if key is not None:
+        return jax.random.uniform(check_key(fname, key), shape, x.dtype)
+    samples = check_floating(fname, "samples", samples)
+    if samples.shape != shape:
+        raise ValueError(
+            f"{fname}: `samples` must have shape (*batch, C, n) = {shape}, got {samples.shape}."
+        )
+    u = samples.astype(x.dtype)
+    if not isinstance(u, jax.core.Tracer):
+        values = np.asarray(u, np.float64)
+        if values.size and not (values.min() >= 0.0 and values.max() < 1.0):
+            raise ValueError(
+                f"{fname}: `samples` must lie in [0, 1) in x's dtype {x.dtype}, got values in "
+                f"[{values.min()}, {values.max()}]."
+            )
+    return u
+
+
+def _spread_starts(start, i, n, channels_last):
+    """Starts ``(*lead, C, out)`` of spatial axis ``i`` shaped to broadcast against ``x``."""
+    lead, out = start.shape[:-2], start.shape[-1]
+    ones = (1,) * i, (1,) * (n - 1 - i)
+    if channels_last:
+        return jnp.swapaxes(start, -1, -2).reshape(*lead, *ones[0], out, *ones[1], -1)
+    return start.reshape(*lead, -1, *ones[0], out, *ones[1])
+
+
+def _layout(fname, x, n, data_format):
+    axes, channel_axis = layout_axes(fname, x.ndim, n, data_format)
+    sizes = tuple(x.shape[a] for a in axes)
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"{fname}: spatial sizes of `x` must be >= 1, got {sizes}.")
+    return axes, channel_axis, sizes
+
+
+def fractional_max_pool(
+    x: ArrayLike,
+    window,
+    *,
+    output_size=None,
+    output_ratio=None,
+    key: ArrayLike | None = None,
+    samples: ArrayLike | None = None,
+    return_indices: bool = False,
+    data_format: str = "channels_last",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Fractional max pooling with PyTorch's window sequences (``FractionalMaxPool{2,3}d``).
+
+    Every (batch, channel) draws one sample ``u`` in [0, 1) per spatial axis; along an axis of
+    input length ``in``, window ``k`` and output length ``out``, output ``i`` is the max over
+    ``[start[i], start[i] + k)`` with::
+
+        alpha = (in - k) / (out - 1)
+        start[i] = int((i + u) * alpha) - int(u * alpha)    for i < out - 1
+        start[out - 1] = in - k                             (also when out == 1)
+
+    computed in ``x``'s dtype as PyTorch computes it, so with the same samples the output and
+    the indices equal ``torch.nn.functional.fractional_max_pool{2,3}d(...,
+    _random_samples=...)``. Ties and NaN follow PyTorch (first maximum wins, NaN propagates).
+    Any number of spatial axes works (1-D too). Every axis needs ``out + k - 1 <= in``
+    (PyTorch's 2-D rule; its 3-D check is stricter, ``<``).
+
+    Args:
+      x: ``(*batch, *spatial, C)`` for channels_last or ``(*batch, C, *spatial)`` for
+        channels_first, a floating dtype.
+      window: the window size ``k`` per spatial axis, a sequence of ``n`` ints.
+      output_size: an int or ``n`` ints; exactly one of this and ``output_ratio``.
+      output_ratio: a float or ``n`` floats in (0, 1); ``out = int(in * ratio)``.
+      key: a PRNG key; the samples are ``jax.random.uniform(key, (*batch, C, n), x.dtype)``.
+        Exactly one of ``key`` and ``samples``.
+      samples: ``(*batch, C, n)`` values in [0, 1), spatial axis 0 first (PyTorch's 2-D
+        ``_random_samples`` lists W first: pass ``torch_samples[..., ::-1]``; its 3-D order is
+        already T, H, W). Converted to ``x.dtype``; the range is checked when not traced.
+      return_indices: also return the flat index of every maximum.
+      data_format: "channels_last" or "channels_first".
+
+    Returns:
+      The pooled array (spatial sizes replaced by the output sizes, dtype ``x.dtype``); with
+      ``return_indices``, also the int32 flat index of each maximum in the spatial volume of its
+      (batch, channel) (``h*W + w`` in 2-D, ``(d*H + h)*W + w`` in 3-D).
+
+    Transformations: ``jit``, ``vmap`` (over ``x``, ``key`` or ``samples``), ``grad``/``vjp``,
+    ``jvp`` and higher orders in ``x``; the derivative sends the cotangent to the selected
+    maximum only, as PyTorch's. The samples get no gradient.
+
+    Example:
+      >>> x = jnp.arange(25.0).reshape(1, 5, 5, 1)
+      >>> y = fractional_max_pool(x, (2, 2), output_size=3, key=jax.random.key(0))
+      >>> y.shape
+      (1, 3, 3, 1)
+    """
+    fname = "fractional_max_pool"
+    x = check_floating(fname, "x", x)
+    return_indices = check_bool(fname, "return_indices", return_indices)
+    n = spatial_rank(fname, "window", window)
+    kernel = per_axis(fname, "window", window, n)
+    axes, channel_axis, sizes = _layout(fname, x, n, data_format)
+    outs = output_sizes(fname, sizes, output_size, output_ratio)
+    check_fits(fname, sizes, outs, kernel)
+    lead = x.shape[: min(axes[0], channel_axis)]
+    u = lax.stop_gradient(_samples(fname, x, key, samples, n, lead, x.shape[channel_axis]))
+    plans, aux = [], []
+    rows = zip(axes, sizes, kernel, outs, strict=True)
+    for i, (axis, size, k, out) in enumerate(rows):
+        start = torch_starts(u[..., i], size, out, k)
+        aux.append((_spread_starts(start, i, n, data_format == "channels_last"), None))
+        plans.append(FractionalPlan(axis, size, k, out))
+    return pool(x, tuple(plans), tuple(aux), return_indices)
+
+
+def graham_bounds(key, sizes, outs, pseudo_random: bool) -> list[jax.Array]:
+    """Graham's boundaries ``a[0..out]`` per spatial axis, one key per axis split from ``key``."""
+    make = graham_pseudo_random_boundaries if pseudo_random else graham_random_boundaries
+    keys = jax.random.split(key, len(sizes))
+    return [make(keys[i], s, o) for i, (s, o) in enumerate(zip(sizes, outs, strict=True))]
+
+
+def fractional_max_pool_graham(
+    x: ArrayLike,
+    *,
+    output_size=None,
+    output_ratio=None,
+    key: ArrayLike,
+    pseudo_random: bool = False,
+    overlapping: bool = False,
+    return_indices: bool = False,
+    data_format: str = "channels_last",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Fractional max pooling with Graham's ratio-based regions (``tf.nn.fractional_max_pool``).
+
+    Along each spatial axis of input length ``in`` and output length ``out`` (``1 <= out <=
+    in``), the pooling regions are cut by boundaries ``0 = a[0] < a[1] < ... < a[out] = in``
+    whose increments are all ``floor(in/out)`` or ``ceil(in/out)`` (Graham, "Fractional
+    Max-Pooling", 2014). One sequence per axis is drawn from ``key`` and shared by every batch
+    element and channel:
+
+    - ``pseudo_random=False`` ("random"): a uniformly random order of the ``in % out`` long and
+      ``out - in % out`` short increments.
+    - ``pseudo_random=True``: ``a[i] = ceil(alpha * (i + u)) - 1`` with ``alpha = in / out`` and
+      one random ``u`` in ``(0, u_max]``, where ``u_max`` keeps every increment in
+      ``{floor(alpha), ceil(alpha)}``; computed in exact integer arithmetic (``u`` on a fine
+      rational grid).
+
+    Region ``i`` is ``[a[i], a[i+1])`` (disjoint) or, with ``overlapping=True``, ``[a[i],
+    a[i+1]]`` (the right boundary element is shared with the next region; the last region stops
+    at ``in - 1``). Ties and NaN follow PyTorch's max pooling (first maximum wins, NaN
+    propagates). The sequences are TensorFlow's rules, not its random stream.
+
+    Args:
+      x: ``(*batch, *spatial, C)`` for channels_last or ``(*batch, C, *spatial)`` for
+        channels_first, a floating dtype.
+      output_size: a sequence of ``n`` ints (``n`` spatial axes); exactly one of this and
+        ``output_ratio``.
+      output_ratio: a sequence of ``n`` floats in (0, 1), ``out = int(in * ratio)``
+        (TensorFlow's ``pooling_ratio`` is ``1 / ratio``).
+      key: a PRNG key; the same key gives the same regions.
+      pseudo_random: the pseudo-random sequence instead of the random one.
+      overlapping: regions share their boundary elements.
+      return_indices: also return the flat index of every maximum.
+      data_format: "channels_last" or "channels_first".
+
+    Returns:
+      The pooled array (dtype ``x.dtype``) and, with ``return_indices``, the int32 flat index
+      of each maximum in the spatial volume of its (batch, channel).
+
+    Transformations: ``jit``, ``vmap`` (over ``x`` or ``key``), ``grad``/``vjp``, ``jvp`` and
+    higher orders in ``x``; the cotangent goes to the selected maximum only.
+
+    Example:
+      >>> x = jnp.arange(36.0).reshape(1, 6, 6, 1)
+      >>> fractional_max_pool_graham(x, output_size=(4, 4), key=jax.random.key(0)).shape
+      (1, 4, 4, 1)
+    """
+    fname = "fractional_max_pool_graham"
+    x = check_floating(fname, "x", x)
+    return_indices = check_bool(fname, "return_indices", return_indices)
+    pseudo_random = check_bool(fname, "pseudo_random", pseudo_random)
+    overlapping = check_bool(fname, "overlapping", overlapping)
+    check_one_size(fname, output_size, output_ratio)
+    given = output_size if output_size is not None else output_ratio
+    n = spatial_rank(fname, "output_size" if output_size is not None else "output_ratio", given)
+    axes, _, sizes = _layout(fname, x, n, data_format)
+    outs = output_sizes(fname, sizes, output_size, output_ratio)
+    check_fits(fname, sizes, outs, (1,) * n)
+    bounds = graham_bounds(check_key(fname, key), sizes, outs, pseudo_random)
+    plans, aux = [], []
+    for axis, size, out, b in zip(axes, sizes, outs, bounds, strict=True):
+        aux.append(graham_windows(b, size, overlapping))
+        plans.append(FractionalPlan(axis, size, graham_kernel(size, out, overlapping), out))
+    return pool(x, tuple(plans), tuple(aux), return_indices)
