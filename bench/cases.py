@@ -141,7 +141,6 @@ def _quick_bases() -> list[Case]:
         _pool("max_pool", "max1d k3 s2", (16, 1024, 64), 3, 2),
         _pool("max_pool", "max3d k2 s2", img3, 2, 2),
         _conv("conv 3x3 s1 p1", img, 3, 32, pad=1),
-        _conv("conv depthwise 3x3 p1", img, 3, 32, groups=32, pad=1),
     ]
 
 

@@ -161,6 +161,13 @@ def _header(report: dict) -> list[str]:
         "equivalent. Targets (issue 5 and the adaptive/fractional issue): ✓ met, ✗ not met, "
         "? not measured.",
         "",
+        "Every peer's output (and, forward+backward, its input gradient) is compared with PyTorch "
+        "NCHW's; the last section lists relative differences above 1e-3 (float32) or 5e-2 "
+        "(bfloat16). Expected there: equinox's adaptive pooling when In % Out != 0 (its window "
+        "boundaries are not PyTorch's, equinox issue 641), flax.linen's bfloat16 average over "
+        "large windows (it sums in bfloat16), and bfloat16 ties that route a max gradient to "
+        "another tied element.",
+        "",
     ]
 
 
