@@ -1,17 +1,26 @@
 """Average pooling with PyTorch's exact divisor rules, for any number of spatial axes.
 
-The window sum is separable: it is reduced one spatial axis at a time as a sum of the axis's
-strided slices (:func:`jaxconv._src.window.taps`). The divisor is separable too: a product of
-per-axis counts, computed here with numpy at trace time, so it costs nothing at run time.
+The divisor is separable: a product of per-axis counts, computed with numpy at trace time, so it
+costs nothing at run time. The window sum runs over the whole box at once through
+:func:`jaxconv._src.boxmap.box_map` (interior outputs from plain strided slices of the input,
+the thin borders apart), with the division folded into the same loop; windows of more than
+``BOX_LIMIT`` elements are summed one axis at a time instead.
 
-Why slices and not ``lax.reduce_window``: on CPU (jax 0.10.2, 2 cores), the case
-"avg 3x3 s1 p1 forward, float32 NHWC (32, 56, 56, 64)" measured a median of about 2.4 ms with
-per-axis slices, about 9.7 ms with one 3x3 ``lax.reduce_window`` and about 6.7 ms with one 1-D
-``reduce_window`` per axis; PyTorch channels_last measured about 2.6 ms. XLA fuses the slices
-and adds into one vectorised loop, while an overlapping ``reduce_window`` runs as a scalar loop.
-The sum is linear, so JAX differentiates the slices (into pads) in both modes at the same cost,
-and no custom derivative rule is needed.
+Which path, and why (CPU, jax 0.10.2, float32 NHWC (32, 56, 56, 64), avg 3x3 s1 p1 forward; the
+shared 2-core machine was heavily loaded, so per-fusion times from ``jax.profiler`` with one
+XLA thread, best of 12): the box path took about 2.2 ms for the interior loop plus 0.6 ms for the
+borders; summing the padded per-axis slices of :func:`jaxconv._src.window.taps` took 25-80 ms
+(XLA fuses several padded copies into a branchy scalar loop and materialises padded temporaries)
+and one 3x3 ``lax.reduce_window`` 34-53 ms (an unvectorised loop). PyTorch channels_last took
+about 3 ms in the same runs.
+
+The derivative is a ``jax.custom_vjp``: the adjoint of a window sum is again a window sum, of the
+cotangent dilated by the stride (:func:`jaxconv._src.boxmap.sum_transpose`), which runs at the
+speed of the forward pass (about 3 ms for the case above), where JAX's own transpose of the
+slices (a sum of padded copies) measured 75-180 ms.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +28,11 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, is_int
-from jaxconv._src.window import AxisPlan, WindowSpec, taps, window_spec
+from jaxconv._src.boxmap import box_map, sum_transpose
+from jaxconv._src.window import AxisPlan, WindowSpec, window_spec
 
 _FNAME = "avg_pool"
+BOX_LIMIT = 27  # window elements summed in one pass; larger windows go one axis at a time
 
 
 def _axis_counts(plan: AxisPlan, count_include_pad: bool) -> np.ndarray:
@@ -51,15 +62,64 @@ def divisor(spec: WindowSpec, count_include_pad: bool, divisor_override: int | N
     return float(total.item()) if total.size == 1 else total
 
 
-def window_sum(x: jax.Array, spec: WindowSpec) -> jax.Array:
-    """The sum of ``x`` over every window (zero padding), one spatial axis at a time."""
+def _add_all(parts: list[jax.Array], _ranges=None) -> jax.Array:
+    return functools.reduce(jnp.add, parts)
+
+
+def _divide(total: jax.Array, div, plans, ranges) -> jax.Array:
+    """``total`` divided by the block ``ranges`` of the divisor ``div`` (scalar or numpy)."""
+    if not isinstance(div, np.ndarray):
+        return total / jnp.asarray(div, total.dtype)
+    index = [slice(None)] * div.ndim
+    for plan, (start, stop) in zip(plans, ranges, strict=True):
+        if div.shape[plan.axis] > 1:
+            index[plan.axis] = slice(start, stop)
+    return total / jnp.asarray(div[tuple(index)], total.dtype)
+
+
+def window_mean(x: jax.Array, spec: WindowSpec, div) -> jax.Array:
+    """The sum of ``x`` over every window (zero padding) divided by ``div``.
+
+    Over the whole box in one pass (the division folded in) when the window has at most
+    ``BOX_LIMIT`` elements, else one axis at a time.
+    """
+    if spec.window_size <= BOX_LIMIT:
+
+        def mean(parts, ranges):
+            return _divide(_add_all(parts), div, spec.plans, ranges)
+
+        return box_map(x, spec.plans, mean, 0)
     for plan in spec.plans:
-        parts = taps(x, plan, 0)
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        x = total
-    return x
+        x = box_map(x, (plan,), _add_all, 0)
+    return _divide(x, div, (), ())
+
+
+def _mean_transpose(g: jax.Array, spec: WindowSpec, div) -> jax.Array:
+    """The adjoint of :func:`window_mean`: spread ``g / div`` back over every window."""
+    h = _divide(g, div, (), ())
+    groups = [spec.plans] if spec.window_size <= BOX_LIMIT else [(p,) for p in spec.plans]
+    for plans in reversed(groups):
+        h = sum_transpose(h, plans, [p.size for p in plans])
+    return h
+
+
+# The mean is linear; its adjoint is again a window sum (of the cotangent, dilated by the
+# stride), which runs as fast as the forward pass. XLA's own transpose of the slices is a sum of
+# padded copies that compiles to slow branchy loops on CPU.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _mean(x, spec: WindowSpec, count_include_pad: bool, divisor_override):
+    return window_mean(x, spec, divisor(spec, count_include_pad, divisor_override))
+
+
+def _mean_fwd(x, spec, count_include_pad, divisor_override):
+    return _mean(x, spec, count_include_pad, divisor_override), None
+
+
+def _mean_bwd(spec, count_include_pad, divisor_override, _, g):
+    return (_mean_transpose(g, spec, divisor(spec, count_include_pad, divisor_override)),)
+
+
+_mean.defvjp(_mean_fwd, _mean_bwd)
 
 
 def _check_divisor_override(value) -> int | None:
@@ -109,8 +169,9 @@ def avg_pool(
       ``floor((in + lo + hi - k + (s - 1 if ceil_mode else 0)) / s) + 1`` (see
       :func:`jaxconv.conv_output_size`), dtype ``x.dtype``.
 
-    Transformations: ``jit``, ``vmap``, ``grad``/``vjp``, ``jvp`` and higher orders
-    (``hessian``): the op is linear in ``x`` and built from slices, pads and adds.
+    Transformations: ``jit``, ``vmap``, ``grad``/``vjp`` and reverse-over-reverse (``grad`` of
+    ``grad``, ``jacrev`` of ``jacrev``). Not forward mode: the fast adjoint is a
+    ``jax.custom_vjp``, so ``jvp``, ``jacfwd`` and ``jax.hessian`` raise.
 
     Example:
       >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
@@ -125,6 +186,4 @@ def avg_pool(
         _FNAME, x.shape, window, stride, padding, 1, ceil_mode, data_format, pad_limit="kernel"
     )
     compute = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
-    total = window_sum(x.astype(compute), spec)
-    div = divisor(spec, count_include_pad, divisor_override)
-    return (total / jnp.asarray(div, compute)).astype(x.dtype)
+    return _mean(x.astype(compute), spec, count_include_pad, divisor_override).astype(x.dtype)
