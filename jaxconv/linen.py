@@ -232,7 +232,7 @@ class LPPool(nn.Module):
         if self.learnable_p:
             start = layers.p_to_raw("jaxconv.linen.LPPool", self.p)
             raw = self.param("p_raw", nn.initializers.constant(start), (), self.param_dtype)
-            p = learned_p(promote_dtype(x, raw)[1])
+            p = learned_p(raw)
         return jaxconv.lp_pool(
             x,
             p,

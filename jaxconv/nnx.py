@@ -302,12 +302,9 @@ class LPPool(nnx.Module):
         return self.p if self.p_raw is None else layers.raw_to_p(self.p_raw[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        p = self.p_value
-        if self.p_raw is not None:
-            p = promote_dtype((x, p))[1]
         return jaxconv.lp_pool(
             x,
-            p,
+            self.p_value,
             self.window,
             self.stride,
             self.padding,

@@ -1,6 +1,29 @@
 """Entry point of ``python -m jaxconv demo``."""
 
 import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+
+
+def _seed_c() -> jax.Array:
+    """The seed's C = conv(A, B), computed by jaxconv, as a (3, 3) matrix."""
+    from jaxconv import conv
+    from jaxconv._demo import seed
+
+    a = jnp.asarray(seed.SEED_A)[..., None]
+    b = jnp.asarray(seed.SEED_B)[..., None, None]
+    return conv(a, b)[..., 0]
+
+
+def _pooling_walkthrough(c: jax.Array) -> None:
+    """The seed's pooling section, when that walkthrough is part of this installation."""
+    try:
+        from jaxconv._demo.seed_pooling import pooling_walkthrough
+    except ImportError:
+        return
+    pooling_walkthrough(c)
 
 
 def run(argv: list[str]) -> int:
@@ -11,5 +34,12 @@ def run(argv: list[str]) -> int:
     from jaxconv._demo import seed
 
     seed.conv_walkthrough()
-    del args
+    c = _seed_c()
+    _pooling_walkthrough(c)
+    from jaxconv._demo import cnn_demo
+
+    paths = cnn_demo.run(args.out, c, quick=args.quick)
+    print(f"Written to {os.path.abspath(args.out)}:")
+    for path in paths:
+        print(f"    {os.path.abspath(path)}")
     return 0
