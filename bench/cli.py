@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 
 import jax
 import torch
@@ -67,6 +68,7 @@ def run_suite(
     quick: bool = False,
 ) -> dict:
     """Run ``cases`` and write ``<device>.json/.md/.png`` into ``out_dir``; returns the report."""
+    start = time.perf_counter()
     backend = jax.default_backend()
     settings = settings or Settings()
     threads = threads or usable_cores()
@@ -80,6 +82,7 @@ def run_suite(
         "settings": {**dataclasses.asdict(settings), "quick": quick, "peers": list(peers)},
         "copy": copy,
         "cases": results,
+        "wall_s": time.perf_counter() - start,
     }
     result["files"] = report.write_all(result, out_dir)
     return result
@@ -108,5 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         quick=args.quick,
     )
-    print("wrote " + ", ".join(res["files"].values()), file=sys.stderr)
+    done = f"{len(cases)} cases in {res['wall_s']:.0f} s; wrote "
+    print(done + ", ".join(res["files"].values()), file=sys.stderr)
     return 0

@@ -149,7 +149,8 @@ def _header(report: dict) -> list[str]:
         f"- Software: {versions}; Python {m['python']}.",
         f"- Run: {m['date_utc']}, commit {m['git_commit']}, "
         f"{'quick' if s['quick'] else 'full'} suite, median of up to {s['repeats']} repeats after "
-        f"{s['warmup']} warm-up calls (at most ~{s['budget_s']} s per peer).",
+        f"{s['warmup']} warm-up calls (at most ~{s['budget_s']} s per peer); "
+        f"{len(report['cases'])} cases in {report['wall_s']:.0f} s.",
         f"- Copy reference ({cp['bytes'] / 2**20:.0f} MiB, read+write): numpy copy "
         f"{cp['numpy_copy_gbps']:.1f} GB/s, jitted jnp negation {cp['jax_negate_gbps']:.1f} GB/s; "
         f"bandwidth fractions use {cp['reference_gbps']:.1f} GB/s.",
