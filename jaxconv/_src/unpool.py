@@ -81,7 +81,10 @@ def _output_sizes(output_size, default, stride, shape, axes) -> tuple[int, ...]:
                     f"with default sizes {default} and stride {stride}."
                 )
     if any(v < 1 for v in sizes):
-        raise ValueError(f"{_FNAME}: the output spatial sizes must be >= 1, got {sizes}.")
+        raise ValueError(
+            f"{_FNAME}: the output spatial sizes must be >= 1, got {sizes}; is `padding` too "
+            "large for the window and stride?"
+        )
     if math.prod(sizes) > _INT32_MAX:
         raise ValueError(
             f"{_FNAME}: the output spatial volume must be at most {_INT32_MAX} (int32 "
