@@ -68,20 +68,18 @@ class AdaptivePlan:
             return [
                 lax.slice_in_dim(xp, j, j + stop, stride, self.axis) for j in range(self.kernel)
             ]
-        unique = self.out <= self.size
-        fill_value = np.asarray(fill).item()
-        return [
-            jnp.take(
+        taps = []
+        for j, ok in enumerate(self.valid(x.ndim)):
+            tap = jnp.take(
                 x,
                 jnp.asarray(self.starts + j, jnp.int32),
                 axis=self.axis,
                 mode="fill",
-                fill_value=fill_value,
-                unique_indices=unique,
+                unique_indices=self.out <= self.size,
                 indices_are_sorted=True,
             )
-            for j in range(self.kernel)
-        ]
+            taps.append(tap if ok is None else jnp.where(ok, tap, jnp.asarray(fill, x.dtype)))
+        return taps
 
     def valid(self, ndim: int) -> list[np.ndarray | None]:
         lengths = self.lengths

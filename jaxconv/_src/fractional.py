@@ -253,20 +253,20 @@ def _samples(fname, x, key, samples, n, lead, channels) -> jax.Array:
     shape = (*lead, channels, n)
     if key is not None:
         return jax.random.uniform(check_key(fname, key), shape, x.dtype)
+    raw = samples
     samples = check_floating(fname, "samples", samples)
     if samples.shape != shape:
         raise ValueError(
             f"{fname}: `samples` must have shape (*batch, C, n) = {shape}, got {samples.shape}."
         )
-    u = samples.astype(x.dtype)
-    if not isinstance(u, jax.core.Tracer):
-        values = np.asarray(u, np.float64)
+    if not isinstance(raw, jax.core.Tracer):
+        values = np.asarray(raw).astype(x.dtype).astype(np.float64)
         if values.size and not (values.min() >= 0.0 and values.max() < 1.0):
             raise ValueError(
                 f"{fname}: `samples` must lie in [0, 1) in x's dtype {x.dtype}, got values in "
                 f"[{values.min()}, {values.max()}]."
             )
-    return u
+    return samples.astype(x.dtype)
 
 
 def _spread_starts(start, i, n, channels_last):

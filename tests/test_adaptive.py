@@ -1,0 +1,214 @@
+"""adaptive_avg_pool and adaptive_max_pool against PyTorch's adaptive_{avg,max}_pool{1,2,3}d."""
+
+import chex
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.test_util import check_grads
+
+import jaxconv
+
+TORCH_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+TORCH_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+
+
+def to_layout(x_cf, data_format):
+    return x_cf if data_format == "channels_first" else np.moveaxis(x_cf, 1, -1)
+
+
+def from_layout(y, data_format):
+    y = np.asarray(y)
+    return y if data_format == "channels_first" else np.moveaxis(y, -1, 1)
+
+
+def torch_adaptive(x_cf, g_avg, g_max, output_size):
+    """PyTorch's avg values and grad, max values, indices and grad (cotangents given)."""
+    n = len(output_size)
+    tx = torch.tensor(x_cf, requires_grad=True)
+    avg = TORCH_AVG[n](tx, output_size)
+    (g_a,) = torch.autograd.grad(avg, tx, torch.tensor(g_avg))
+    mx, idx = TORCH_MAX[n](tx, output_size, return_indices=True)
+    (g_m,) = torch.autograd.grad(mx, tx, torch.tensor(g_max))
+    return avg.detach().numpy(), g_a.numpy(), mx.detach().numpy(), idx.numpy(), g_m.numpy()
+
+
+def jax_adaptive(output_size, data_format):
+    """A jitted ``(x, g) -> (avg, avg grad, max, indices, max grad)``."""
+
+    def avg(x):
+        return jaxconv.adaptive_avg_pool(x, output_size, data_format=data_format)
+
+    def mx(x):
+        return jaxconv.adaptive_max_pool(
+            x, output_size, return_indices=True, data_format=data_format
+        )
+
+    def run(x, g):
+        a, avg_vjp = jax.vjp(avg, x)
+        m, max_vjp, i = jax.vjp(mx, x, has_aux=True)
+        return a, avg_vjp(g)[0], m, i, max_vjp(g)[0]
+
+    return jax.jit(run)
+
+
+# (input spatial size, output_size, data_format, dtype): non-divisible, upsampling (Out > In),
+# divisible, global, identity and None axes, on 1-D, 2-D and 3-D.
+CASES = [
+    ((13,), (5,), "channels_last", np.float32),
+    ((7,), (12,), "channels_first", np.float64),
+    ((24,), (6,), "channels_first", np.float32),
+    ((50, 50), (7, 7), "channels_last", np.float32),
+    ((10, 13), (4, 20), "channels_first", np.float64),
+    ((9, 8), (None, 3), "channels_last", np.float64),
+    ((7, 7), (1, 1), "channels_first", np.float32),
+    ((3, 11), (8, 11), "channels_last", np.float32),
+    ((5, 6, 7), (3, None, 9), "channels_first", np.float32),
+    ((4, 4, 6), (2, 3, 5), "channels_last", np.float64),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_torch(case):
+    spatial, output_size, data_format, dtype = case
+    rng = np.random.default_rng(CASES.index(case))
+    x_cf = rng.integers(-3, 4, (2, 3, *spatial)).astype(dtype)  # many ties
+    x_cf[1, 2].flat[1] = np.nan
+    out_spatial = tuple(s if o is None else o for s, o in zip(spatial, output_size, strict=True))
+    g_cf = rng.standard_normal((2, 3, *out_spatial)).astype(dtype)
+    ta, tga, tm, ti, tgm = torch_adaptive(x_cf, g_cf, g_cf, output_size)
+    fn = jax_adaptive(output_size, data_format)
+    a, ga, m, i, gm = fn(jnp.asarray(to_layout(x_cf, data_format)), to_layout(g_cf, data_format))
+    chex.assert_shape([a, m, i], to_layout(np.empty((2, 3, *out_spatial)), data_format).shape)
+    chex.assert_type([a, ga, m, gm], dtype)
+    chex.assert_type(i, jnp.int32)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(from_layout(a, data_format), ta, rtol=tol, atol=tol)
+    np.testing.assert_allclose(from_layout(ga, data_format), tga, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(from_layout(m, data_format), tm)
+    np.testing.assert_array_equal(from_layout(i, data_format), ti)
+    np.testing.assert_allclose(from_layout(gm, data_format), tgm, rtol=tol, atol=tol)
+
+
+def test_batch_axes_any_number():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 11, 4, 5)).astype(np.float32)  # batch (2, 3), H, W, C
+    for pool in (jaxconv.adaptive_avg_pool, jaxconv.adaptive_max_pool):
+        y = jax.jit(lambda v, p=pool: p(v, (4, 3)))(x)
+        chex.assert_shape(y, (2, 3, 4, 3, 5))
+        np.testing.assert_array_equal(y[0, 1], pool(x[0, 1], (4, 3)))  # no batch axes
+        np.testing.assert_array_equal(y.reshape(6, 4, 3, 5), pool(x.reshape(6, 11, 4, 5), (4, 3)))
+
+
+def test_equinox_disagreement_case():
+    """50 -> 7: equinox's windows differ from PyTorch's; jaxconv's equal them."""
+    rng = np.random.default_rng(0)
+    x_cf = rng.standard_normal((1, 4, 50, 50)).astype(np.float32) * 10
+    t_avg = F.adaptive_avg_pool2d(torch.tensor(x_cf), (7, 7)).numpy()
+    t_max = F.adaptive_max_pool2d(torch.tensor(x_cf), (7, 7)).numpy()
+    ours_avg = jaxconv.adaptive_avg_pool(x_cf, (7, 7), data_format="channels_first")
+    ours_max = jaxconv.adaptive_max_pool(x_cf, (7, 7), data_format="channels_first")
+    np.testing.assert_allclose(ours_avg, t_avg, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours_max, t_max)
+    eqx_avg = eqx.filter_jit(eqx.nn.AdaptiveAvgPool2d((7, 7)))(jnp.asarray(x_cf[0]))
+    assert np.abs(np.asarray(eqx_avg) - t_avg[0]).max() > 0.1  # the case discriminates
+
+
+def _count_eqns(jaxpr) -> int:
+    """Equations of a jaxpr, sub-jaxprs (jit, custom_jvp) included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _count_eqns(inner)
+    return total
+
+
+def _program_size(fn, shape):
+    """Equations of the jaxpr of the gradient and of the lowered program's operations."""
+    x = jnp.zeros(shape, jnp.float32)
+    grad = jax.grad(lambda v: jnp.sum(fn(v) ** 2))
+    hlo = jax.jit(grad).lower(x).as_text()
+    ops = sum(1 for line in hlo.splitlines() if " = " in line)
+    return _count_eqns(jax.make_jaxpr(grad)(x).jaxpr), ops
+
+
+@pytest.mark.parametrize("op", ["avg", "max"])
+@pytest.mark.parametrize(("size", "small", "large"), [(224, 7, 56), (100, 30, 70)])
+def test_program_size_does_not_grow_with_output(op, size, small, large):
+    pool = jaxconv.adaptive_avg_pool if op == "avg" else jaxconv.adaptive_max_pool
+    few = _program_size(lambda v: pool(v, (small, small)), (1, size, size, 1))
+    many = _program_size(lambda v: pool(v, (large, large)), (1, size, size, 1))
+    assert many[0] < 2 * few[0], (few, many)
+    assert many[1] < 2 * few[1], (few, many)
+
+
+GRAD_CASES = [("avg", (12, 7), 1), ("max", (4, 3), 2), ("max", (12, 7), 1), ("max", (1, None), 1)]
+
+
+@pytest.mark.parametrize(("op", "size", "order"), GRAD_CASES, ids=str)
+def test_check_grads_float64(op, size, order):
+    rng = np.random.default_rng(3)
+    x = rng.permutation(9 * 7 * 2).reshape(1, 9, 7, 2).astype(np.float64) / 10  # no ties
+    pool = jaxconv.adaptive_avg_pool if op == "avg" else jaxconv.adaptive_max_pool
+    check_grads(jax.jit(lambda v: pool(v, size)), (x,), order, ("fwd", "rev"))
+
+
+def test_vmap_and_jit_agree():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2, 10, 9, 4)).astype(np.float32)
+    for pool in (jaxconv.adaptive_avg_pool, jaxconv.adaptive_max_pool):
+        mapped = jax.vmap(jax.jit(lambda v, p=pool: p(v, (4, 5))))(x)
+        direct = pool(x, (4, 5))
+        np.testing.assert_allclose(mapped, direct, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision(dtype):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 17, 13, 3)).astype(np.float32)
+    xh = jnp.asarray(x, dtype)
+    ref = jaxconv.adaptive_avg_pool(xh.astype(jnp.float32), (5, 4))
+    avg = jax.jit(lambda v: jaxconv.adaptive_avg_pool(v, (5, 4)))(xh)
+    mx = jax.jit(lambda v: jaxconv.adaptive_max_pool(v, (5, 4)))(xh)
+    chex.assert_type([avg, mx], dtype)
+    np.testing.assert_allclose(np.asarray(avg, np.float32), ref, rtol=1e-2, atol=1e-2)
+    ref_max = jaxconv.adaptive_max_pool(xh.astype(jnp.float32), (5, 4))
+    np.testing.assert_array_equal(np.asarray(mx, np.float32), ref_max)
+
+
+def test_large_values_stay_finite():
+    x = jnp.full((1, 30, 1), 6e4, jnp.float16)  # a float16 sum would overflow
+    np.testing.assert_array_equal(jaxconv.adaptive_avg_pool(x, (3,)), jnp.full((1, 3, 1), 6e4))
+
+
+BAD = [
+    ("adaptive_avg_pool", dict(output_size=(0, 2)), ValueError, "output_size"),
+    ("adaptive_avg_pool", dict(output_size=2), TypeError, "output_size"),
+    ("adaptive_avg_pool", dict(output_size=(2, 2, 2, 2)), ValueError, "x"),
+    ("adaptive_avg_pool", dict(output_size=(2.0, 2)), ValueError, "output_size"),
+    ("adaptive_avg_pool", dict(output_size=(), data_format="channels_last"), ValueError, "output"),
+    ("adaptive_max_pool", dict(output_size=(2, 2), data_format="NHWC"), ValueError, "data_format"),
+    ("adaptive_max_pool", dict(output_size=(2, 2), return_indices=1), TypeError, "return_indices"),
+    ("adaptive_max_pool", dict(output_size=[None, -1]), ValueError, "output_size"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "error", "arg"), BAD, ids=str)
+def test_bad_arguments(name, kwargs, error, arg):
+    x = jnp.ones((1, 5, 5, 2))
+    with pytest.raises(error, match=f"^{name}: .*{arg}"):
+        getattr(jaxconv, name)(x, **kwargs)
+    with pytest.raises(error, match=f"^{name}: .*{arg}"):
+        jax.jit(lambda v: getattr(jaxconv, name)(v, **kwargs))(x)
+
+
+def test_integer_input_rejected():
+    with pytest.raises(TypeError, match=r"^adaptive_max_pool: .*x"):
+        jaxconv.adaptive_max_pool(jnp.ones((1, 5, 2), jnp.int32), (2,))
