@@ -86,6 +86,29 @@ def timing_table(cases: list[dict]) -> list[str]:
     return lines + [_row(c, peers) for c in cases]
 
 
+def _xla_peer(case: dict) -> str | None:
+    """The XLA-default peer: raw lax for convolutions, else flax.linen where it has the op."""
+    order = ("lax", "flax") if case["case"]["op"].startswith("conv") else ("flax", "lax")
+    for peer in order:
+        if case["peers"].get(peer, {}).get("status") == "ok":
+            return peer
+    return None
+
+
+def summary_table(cases: list[dict]) -> list[str]:
+    """A narrow table (for a README): jaxconv beside XLA's default and PyTorch channels_last."""
+    head = "| case | mode | dtype | shape (NHWC) | jaxconv ms | flax.linen / lax ms | torch CL ms"
+    lines = [head + " | ÷ XLA | ÷ torch CL |", "|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        c, res, ratios = case["case"], case["peers"], case["ratios"]
+        xla = _xla_peer(case)
+        cells = [c["label"], c["mode"], c["dtype"], "x".join(str(d) for d in c["shape"])]
+        cells += [_cell(res.get("jaxconv")), _cell(res.get(xla)), _cell(res.get("torch_cl"))]
+        cells += [f"{ratios[p]:.2f}" if p in ratios else "–" for p in (xla, "torch_cl")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def memory_table(cases: list[dict]) -> list[str]:
     """Peak memory (argument + output + temp) of max pooling forward+backward, jaxconv vs XLA."""
     head = "| case | dtype | shape | jaxconv peak MB | flax.linen peak MB | jaxconv temp MB"
@@ -173,9 +196,12 @@ def _header(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    """The markdown page: header, timing table, memory table, problems."""
+    """The markdown page: header, targets, summary table, full table, memory, problems."""
     cases = report["cases"]
-    lines = _header(report) + _target_summary(cases) + timing_table(cases)
+    lines = _header(report) + _target_summary(cases)
+    lines += ["## Summary: jaxconv, XLA's default, PyTorch channels_last", ""]
+    lines += summary_table(cases)
+    lines += ["", "## All peers", "", *timing_table(cases)]
     lines += ["", "## Peak memory, max pooling forward+backward (compiled memory analysis)", ""]
     lines += memory_table(cases)
     problems = _problems(cases)
