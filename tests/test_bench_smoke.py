@@ -51,14 +51,28 @@ def test_json_has_machine_case_peers_and_ratios(report):
         assert {t["peer"] for t in case["targets"]} == {"flax", "torch_cl"}
 
 
-def test_markdown_table_lists_the_case(report):
+def _tables(md: str) -> list[list[str]]:
+    tables, current = [], []
+    for line in [*md.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_markdown_tables_list_the_case(report):
     md = (report / "smoke.md").read_text()
     assert md.startswith("# jaxconv benchmarks: smoke")
-    rows = [line for line in md.splitlines() if line.startswith("| max 2x2 s2 |")]
-    header = next(line for line in md.splitlines() if line.startswith("| case |"))
-    assert len(rows) == 2  # the timing table and the memory table
-    assert rows[0].count("|") == header.count("|")
-    assert "2x8x8x4" in rows[0]
+    tables = _tables(md)
+    assert len(tables) == 3  # summary, all peers, memory
+    for table in tables:
+        assert table[1].startswith("|---")
+        assert {row.count("|") for row in table} == {table[0].count("|")}
+        (row,) = table[2:]
+        assert row.startswith("| max 2x2 s2 |")
+        assert "2x8x8x4" in row
 
 
 def test_png_chart_is_written(report):
