@@ -70,6 +70,8 @@ TORCH_CASES = [
     (3, 2.0, (2, 2, 2), None, "channels_last", False),
     (3, 2.5, (3, 2, 2), (1, 2, 1), "channels_first", True),
     (2, float("inf"), (3, 2), (2, 2), "channels_first", False),
+    (2, 2.0, (6, 5), (2, 3), "channels_last", False),  # > BOX_LIMIT: axis by axis
+    (2, 1.0, (5, 6), (3, 1), "channels_first", True),
 ]
 
 
@@ -104,6 +106,8 @@ def test_matches_torch_where_the_definitions_agree(case):
         (2.0, (3, 2), (1, 2), "SAME", (1, 2), False),
         (float("inf"), (3, 3), (2, 2), (1, 0), (2, 1), True),
         (1.0, (2, 2), (2, 2), 0, (1, 1), True),
+        (3.0, (6, 5), (2, 1), (2, 1), (1, 1), True),
+        (float("inf"), (5, 6), (3, 2), 0, (1, 1), True),
     ],
 )
 def test_padding_dilation_and_partial_windows_match_the_definition(

@@ -1,11 +1,13 @@
 """Lp pooling: the true p-norm over each window, with a derivative rule for ``x`` and ``p``.
 
-The p-norm over a box is separable, ``||x||_p over (i, j) = || ||x[:, j]||_p ||_p``, so the op
-runs one 1-D norm per spatial axis (last spatial axis first) over the axis's strided slices
-(:func:`jaxconv._src.window.taps`, zero padding: ``|0|^p = 0`` leaves a norm unchanged). Each 1-D
-norm is a ``jax.custom_vjp`` and the chain rule composes them, including ``d/dp``.
+Each window's norm is computed over the whole box at once by
+:func:`jaxconv._src.boxmap.box_map` (interior outputs from plain strided slices, borders apart;
+zero padding, and ``|0|^p = 0`` leaves a norm unchanged). The p-norm is separable,
+``||x||_p over (i, j) = || ||x[:, j]||_p ||_p``, so windows of more than ``BOX_LIMIT``
+elements are reduced one axis at a time instead (last spatial axis first), and the chain rule
+composes the per-axis rules, ``d/dp`` included. Each stage is a ``jax.custom_vjp``.
 
-Stability. Each 1-D norm is scaled by its window maximum ``m = max |x|``:
+Stability. Each norm is scaled by its window maximum ``m = max |x|``:
 ``y = m * (sum (|x|/m)^p)^(1/p)``, so no power exceeds 1 and nothing overflows for large ``p``
 (64, 256) or in float16/bfloat16 (computed in float32 and returned in the input dtype). An
 all-zero window gives ``y = 0`` and a zero gradient. With ``q = |x|/y <= 1``:
@@ -13,6 +15,12 @@ all-zero window gives ``y = 0`` and a zero gradient. With ``q = |x|/y <= 1``:
 - ``dy/dx = sign(x) * q^(p-1)``;
 - ``dy/dp = y/p * sum q^p log q`` (the scale-free form of
   ``y * (sum |x|^p log|x| / (p sum |x|^p) - log(sum |x|^p) / p^2)``; zero ``q`` terms give 0).
+
+For a static ``p`` of 1 or 2 the input gradient needs one window sum of an output-shaped array,
+``sign(x) * S^T(g)`` and ``x * S^T(g / y)``, computed as fast as the forward pass by
+:func:`jaxconv._src.boxmap.sum_transpose`; other ``p`` go through the per-tap ratios above.
+Measured on CPU (float32 NHWC (32, 56, 56, 64), p=2 3x3 s2, one XLA thread, best of 12 under
+heavy machine load): forward one fused loop of about 2.5 ms; forward+backward about 8 ms.
 
 ``p = inf`` (a Python float) is ``max |x|``; its gradient goes to the first maximum of ``|x|`` in
 row-major window order, as max pooling's does.
@@ -29,7 +37,9 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_floating
-from jaxconv._src.window import AxisPlan, taps, window_spec
+from jaxconv._src.avg import BOX_LIMIT
+from jaxconv._src.boxmap import box_map, box_taps, sum_transpose
+from jaxconv._src.window import window_spec
 
 _FNAME = "lp_pool"
 
@@ -57,9 +67,9 @@ def _safe_inverse(v):
     return jnp.where(positive, 1 / jnp.where(positive, v, 1), 0)
 
 
-def _axis_norm(x, p, plan: AxisPlan):
-    """The 1-D p-norm of every window of ``plan`` (finite ``p``), scaled by the window max."""
-    parts = [jnp.abs(t) for t in taps(x, plan, 0)]
+def _norm_of(parts, p):
+    """The p-norm across ``parts`` (finite ``p``), scaled by their maximum."""
+    parts = [jnp.abs(t) for t in parts]
     if isinstance(p, float) and p == 1.0:
         return functools.reduce(jnp.add, parts)
     m = functools.reduce(jnp.maximum, parts)
@@ -68,46 +78,65 @@ def _axis_norm(x, p, plan: AxisPlan):
     return m * _root(s, p)
 
 
-def _transpose_taps(x, plan: AxisPlan, parts):
-    """The adjoint of ``taps(x, plan, 0)`` applied to per-tap cotangents."""
+def _box_norm(x, p, plans):
+    """The p-norm over every box window of ``plans`` (finite ``p``)."""
+    return box_map(x, plans, lambda parts, _: _norm_of(parts, p), 0)
+
+
+def _box_max(x, plans):
+    return box_map(x, plans, lambda parts, _: functools.reduce(jnp.maximum, map(jnp.abs, parts)), 0)
+
+
+def _transpose_taps(x, plans, parts):
+    """The adjoint of ``box_taps(x, plans, 0)`` applied to per-tap cotangents."""
     spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    (dx,) = jax.linear_transpose(lambda v: taps(v, plan, 0), spec)(parts)
+    (dx,) = jax.linear_transpose(lambda v: box_taps(v, plans, 0), spec)(parts)
     return dx
 
 
-def _ratios(x, y, plan: AxisPlan):
+def _ratios(x, y, plans):
     """Per tap, ``sign(x)`` and ``q = |x| / y`` (0 where ``y == 0``)."""
     inv = _safe_inverse(y)
-    parts = taps(x, plan, 0)
+    parts = box_taps(x, plans, 0)
     return [jnp.sign(t) for t in parts], [jnp.abs(t) * inv for t in parts]
 
 
-def _grad_x(x, y, g, p, plan: AxisPlan):
-    signs, qs = _ratios(x, y, plan)
+def _grad_x(x, y, g, p, plans):
+    """``sum over windows of g * sign(x) * (|x|/y)^(p-1)``; one window sum for p = 1 and 2."""
+    sizes = [plan.size for plan in plans]
+    if isinstance(p, float) and p == 1.0:
+        return jnp.sign(x) * sum_transpose(g, plans, sizes)
+    if isinstance(p, float) and p == 2.0:
+        # |x| <= y in every window that reads x, so x * (g / y) stays finite; windows whose norm
+        # is below the smallest normal number are treated as zero.
+        tiny = jnp.finfo(y.dtype).tiny
+        big = y >= tiny
+        return x * sum_transpose(jnp.where(big, g / jnp.where(big, y, 1), 0), plans, sizes)
+    signs, qs = _ratios(x, y, plans)
     parts = [g * s * _power(q, p - 1) for s, q in zip(signs, qs, strict=True)]
-    return _transpose_taps(x, plan, parts)
+    return _transpose_taps(x, plans, parts)
 
 
-def _grad_p(x, y, g, p, plan: AxisPlan):
-    _, qs = _ratios(x, y, plan)
+def _grad_p(x, y, g, p, plans):
+    _, qs = _ratios(x, y, plans)
     terms = [jnp.where(q > 0, _power(q, p) * jnp.log(jnp.where(q > 0, q, 1)), 0) for q in qs]
     return jnp.sum(g * y * functools.reduce(jnp.add, terms)) / p
 
 
 # Static p (a Python float): only x is differentiated.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _norm_static(x, plan: AxisPlan, p: float):
-    return _axis_norm(x, p, plan)
+def _norm_static(x, plans, p: float):
+    return _box_norm(x, p, plans)
 
 
-def _norm_static_fwd(x, plan, p):
-    y = _axis_norm(x, p, plan)
+def _norm_static_fwd(x, plans, p):
+    y = _box_norm(x, p, plans)
     return y, (x, y)
 
 
-def _norm_static_bwd(plan, p, res, g):
+def _norm_static_bwd(plans, p, res, g):
     x, y = res
-    return (_grad_x(x, y, g, p, plan),)
+    return (_grad_x(x, y, g, p, plans),)
 
 
 _norm_static.defvjp(_norm_static_fwd, _norm_static_bwd)
@@ -115,18 +144,18 @@ _norm_static.defvjp(_norm_static_fwd, _norm_static_bwd)
 
 # Traced p (a scalar array): x and p are differentiated.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _norm_traced(x, p, plan: AxisPlan):
-    return _axis_norm(x, p, plan)
+def _norm_traced(x, p, plans):
+    return _box_norm(x, p, plans)
 
 
-def _norm_traced_fwd(x, p, plan):
-    y = _axis_norm(x, p, plan)
+def _norm_traced_fwd(x, p, plans):
+    y = _box_norm(x, p, plans)
     return y, (x, y, p)
 
 
-def _norm_traced_bwd(plan, res, g):
+def _norm_traced_bwd(plans, res, g):
     x, y, p = res
-    return _grad_x(x, y, g, p, plan), _grad_p(x, y, g, p, plan)
+    return _grad_x(x, y, g, p, plans), _grad_p(x, y, g, p, plans)
 
 
 _norm_traced.defvjp(_norm_traced_fwd, _norm_traced_bwd)
@@ -144,21 +173,21 @@ def _first_max_mask(parts, m):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _norm_inf(x, plan: AxisPlan):
-    return functools.reduce(jnp.maximum, [jnp.abs(t) for t in taps(x, plan, 0)])
+def _norm_inf(x, plans):
+    return _box_max(x, plans)
 
 
-def _norm_inf_fwd(x, plan):
-    y = _norm_inf(x, plan)
+def _norm_inf_fwd(x, plans):
+    y = _box_max(x, plans)
     return y, (x, y)
 
 
-def _norm_inf_bwd(plan, res, g):
+def _norm_inf_bwd(plans, res, g):
     x, y = res
-    parts = taps(x, plan, 0)
+    parts = box_taps(x, plans, 0)
     masks = _first_max_mask([jnp.abs(t) for t in parts], y)
     grads = [jnp.where(k, g * jnp.sign(t), 0) for k, t in zip(masks, parts, strict=True)]
-    return (_transpose_taps(x, plan, grads),)
+    return (_transpose_taps(x, plans, grads),)
 
 
 _norm_inf.defvjp(_norm_inf_fwd, _norm_inf_bwd)
@@ -188,10 +217,10 @@ def _check_p(p):
     return jnp.asarray(p)
 
 
-def _norm(x, p, plan: AxisPlan):
+def _norm(x, p, plans):
     if isinstance(p, float):
-        return _norm_inf(x, plan) if math.isinf(p) else _norm_static(x, plan, p)
-    return _norm_traced(x, p, plan)
+        return _norm_inf(x, plans) if math.isinf(p) else _norm_static(x, plans, p)
+    return _norm_traced(x, p, plans)
 
 
 def lp_pool(
@@ -255,6 +284,7 @@ def lp_pool(
     y = x.astype(compute)
     if not isinstance(p, float):
         p = p.astype(compute)
-    for plan in reversed(spec.plans):
-        y = _norm(y, p, plan)
+    groups = [spec.plans] if spec.window_size <= BOX_LIMIT else [(q,) for q in spec.plans[::-1]]
+    for plans in groups:
+        y = _norm(y, p, plans)
     return y.astype(x.dtype)
