@@ -66,8 +66,10 @@ class FractionalPlan:
 
     def _index(self, aux, j, ndim):
         start, length = aux
-        step = j if length is None else jnp.minimum(j, length - 1)
-        return self._spread(start + step, ndim)
+        start = self._spread(start, ndim)
+        if length is None:
+            return start + j
+        return start + jnp.minimum(j, self._spread(length, ndim) - 1)
 
     # The plan protocol of jaxconv._src.select.
     def taps(self, x, fill, aux) -> list[jax.Array]:
@@ -235,7 +237,12 @@ def check_fits(fname, sizes, outs, kernel):
 
 
 def check_key(fname: str, key) -> jax.Array:
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not isinstance(key, (jax.Array, np.ndarray)):
+        raise TypeError(
+            f"{fname}: `key` must be a PRNG key (jax.random.key(...) or "
+            f"jax.random.PRNGKey(...)), got {key!r} of type {type(key).__name__}."
+        )
+    key = jnp.asarray(key)
     typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     if not ((typed and key.shape == ()) or (key.dtype == jnp.uint32 and key.shape == (2,))):
         raise TypeError(

@@ -1,0 +1,326 @@
+"""fractional_max_pool against PyTorch, and Graham's sequences of fractional_max_pool_graham."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import jaxconv
+from jaxconv._src.fractional import graham_bounds
+
+TORCH_FRACTIONAL = {2: F.fractional_max_pool2d, 3: F.fractional_max_pool3d}
+
+
+def to_layout(x_cf, data_format):
+    return x_cf if data_format == "channels_first" else np.moveaxis(x_cf, 1, -1)
+
+
+def from_layout(y, data_format):
+    y = np.asarray(y)
+    return y if data_format == "channels_first" else np.moveaxis(y, -1, 1)
+
+
+def torch_samples(u):
+    """jaxconv's samples (spatial axis 0 first) in PyTorch's ``_random_samples`` order."""
+    return u[..., ::-1].copy() if u.shape[-1] == 2 else u
+
+
+def jax_fractional(window, output_size, data_format):
+    def pool(x, u):
+        return jaxconv.fractional_max_pool(
+            x,
+            window,
+            output_size=output_size,
+            samples=u,
+            return_indices=True,
+            data_format=data_format,
+        )
+
+    def run(x, u, g):
+        y, vjp, i = jax.vjp(lambda v: pool(v, u), x, has_aux=True)
+        return y, i, vjp(g)[0]
+
+    return jax.jit(run)
+
+
+# (input spatial, window, output_size, data_format, dtype): 2-D and 3-D, out == 1, k == 1, the
+# tightest fit out + k - 1 == in (2-D; PyTorch's 3-D check is stricter) and loose fits.
+CASES = [
+    ((10, 9), (2, 2), (4, 5), "channels_last", np.float32),
+    ((13, 7), (3, 2), (11, 6), "channels_first", np.float64),
+    ((8, 11), (1, 3), (1, 4), "channels_last", np.float64),
+    ((25, 31), (2, 3), (12, 14), "channels_first", np.float32),
+    ((6, 6), (3, 3), (1, 1), "channels_last", np.float32),
+    ((7, 8, 9), (2, 2, 2), (5, 4, 7), "channels_first", np.float32),
+    ((9, 6, 10), (3, 1, 2), (3, 5, 8), "channels_last", np.float64),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_torch(case):
+    spatial, window, output_size, data_format, dtype = case
+    n = len(spatial)
+    rng = np.random.default_rng(CASES.index(case))
+    x_cf = rng.integers(-4, 5, (2, 3, *spatial)).astype(dtype)  # ties
+    x_cf[1, 0].flat[2] = np.nan
+    u = rng.random((2, 3, n)).astype(dtype)
+    g_cf = rng.standard_normal((2, 3, *output_size)).astype(dtype)
+    tx = torch.tensor(x_cf, requires_grad=True)
+    ty, ti = TORCH_FRACTIONAL[n](
+        tx,
+        window,
+        output_size=output_size,
+        _random_samples=torch.tensor(torch_samples(u)),
+        return_indices=True,
+    )
+    (tg,) = torch.autograd.grad(ty, tx, torch.tensor(g_cf))
+    fn = jax_fractional(window, output_size, data_format)
+    y, i, g = fn(jnp.asarray(to_layout(x_cf, data_format)), u, to_layout(g_cf, data_format))
+    chex.assert_type([y, g], dtype)
+    chex.assert_type(i, jnp.int32)
+    chex.assert_equal_shape([y, i])
+    np.testing.assert_array_equal(from_layout(y, data_format), ty.detach().numpy())
+    np.testing.assert_array_equal(from_layout(i, data_format), ti.numpy())
+    np.testing.assert_allclose(from_layout(g, data_format), tg.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tdtype"), [(jnp.float16, torch.float16), (jnp.bfloat16, torch.bfloat16)]
+)
+def test_half_precision_sequences_match_torch(dtype, tdtype):
+    rng = np.random.default_rng(11)
+    x_cf = rng.standard_normal((4, 5, 37, 29))
+    u = rng.random((4, 5, 2)) * 0.99
+    tu = torch.tensor(torch_samples(u)).to(tdtype)
+    ty, ti = F.fractional_max_pool2d(
+        torch.tensor(x_cf).to(tdtype),
+        (3, 2),
+        output_size=(17, 20),
+        _random_samples=tu,
+        return_indices=True,
+    )
+    y, i = jax.jit(
+        lambda v, s: jaxconv.fractional_max_pool(
+            v,
+            (3, 2),
+            output_size=(17, 20),
+            samples=s,
+            return_indices=True,
+            data_format="channels_first",
+        )
+    )(jnp.asarray(x_cf, dtype), jnp.asarray(u, dtype))
+    chex.assert_type(y, dtype)
+    np.testing.assert_array_equal(i, ti.numpy())
+    np.testing.assert_array_equal(np.asarray(y, np.float32), ty.to(torch.float32).numpy())
+
+
+def test_output_ratio_and_1d():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 20, 15, 4)).astype(np.float32)
+    for window, ratio, shape in [((2, 2), 0.5, (3, 10, 7, 4)), ((2, 3), (0.7, 0.4), (3, 14, 6, 4))]:
+        pool = jax.jit(
+            lambda v, k, w=window, r=ratio: jaxconv.fractional_max_pool(v, w, output_ratio=r, key=k)
+        )
+        chex.assert_shape(pool(x, jax.random.key(0)), shape)
+    x1 = rng.standard_normal((2, 11, 3)).astype(np.float32)  # 1-D: same sequence rule
+    u = rng.random((2, 3, 1)).astype(np.float32)
+    y1, i1 = jax.jit(
+        lambda v, s: jaxconv.fractional_max_pool(
+            v, (3,), output_size=5, samples=s, return_indices=True
+        )
+    )(x1, u)
+    ty, ti = F.fractional_max_pool2d(
+        torch.tensor(np.moveaxis(x1, -1, 1))[..., None],
+        (3, 1),
+        output_size=(5, 1),
+        _random_samples=torch.tensor(np.concatenate([np.zeros_like(u), u], -1)),
+        return_indices=True,
+    )
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(y1), -1, 1), ty[..., 0].numpy())
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(i1), -1, 1), ti[..., 0].numpy())
+
+
+def test_key_determinism_jit_and_vmap():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 23, 19, 3)).astype(np.float32))
+
+    def pool(key, v):
+        return jaxconv.fractional_max_pool(
+            v, (3, 2), output_size=(9, 8), key=key, return_indices=True
+        )
+
+    jitted = jax.jit(pool)
+    a = jitted(jax.random.key(1), x)
+    b = pool(jax.random.key(1), x)
+    np.testing.assert_array_equal(a[1], b[1])
+    others = [jitted(jax.random.key(k), x)[1] for k in range(2, 6)]
+    assert any(not np.array_equal(a[1], o) for o in others)
+    keys = jax.random.split(jax.random.key(7), 3)
+    mapped = jax.vmap(jitted, in_axes=(0, None))(keys, x)
+    for k in range(3):
+        np.testing.assert_array_equal(mapped[1][k], pool(keys[k], x)[1])
+
+
+def test_vmap_over_x_and_samples():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 2, 12, 10, 3)).astype(np.float32)  # two batch axes
+    u = rng.random((4, 2, 3, 2)).astype(np.float32)
+    fn = jax.jit(lambda v, s: jaxconv.fractional_max_pool(v, (2, 2), output_size=(6, 5), samples=s))
+    mapped = jax.vmap(fn)(x, u)
+    np.testing.assert_array_equal(mapped, fn(x, u))
+    chex.assert_shape(mapped, (4, 2, 6, 5, 3))
+
+
+@pytest.mark.parametrize("graham", [False, True])
+def test_check_grads_float64(graham):
+    rng = np.random.default_rng(5)
+    x = rng.permutation(2 * 11 * 9).reshape(1, 11, 9, 2).astype(np.float64) / 7  # no ties
+    if graham:
+        fn = jax.jit(
+            lambda v: jaxconv.fractional_max_pool_graham(
+                v, output_size=(7, 5), key=jax.random.key(0), overlapping=True
+            )
+        )
+    else:
+        u = rng.random((1, 2, 2))
+        fn = jax.jit(
+            lambda v: jaxconv.fractional_max_pool(v, (2, 3), output_size=(6, 4), samples=u)
+        )
+    check_grads(fn, (x,), 1, ("fwd", "rev"))
+    check_grads(fn, (x,), 2, ("rev",))
+
+
+# Graham's sequences.
+
+
+def reference_graham(x, bounds, overlapping):
+    """Max, flat index (first max wins) and vjp of ones by loops over the regions, (H, W)."""
+    h, w = x.shape
+    bh, bw = (np.asarray(b) for b in bounds)
+    rows = [(bh[i], min(bh[i + 1] + overlapping, h)) for i in range(len(bh) - 1)]
+    cols = [(bw[j], min(bw[j + 1] + overlapping, w)) for j in range(len(bw) - 1)]
+    y = np.empty((len(rows), len(cols)))
+    idx = np.empty(y.shape, np.int64)
+    grad = np.zeros_like(x)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            block = x[r0:r1, c0:c1]
+            a, b = np.unravel_index(np.argmax(block), block.shape)
+            y[i, j], idx[i, j] = block[a, b], (r0 + a) * w + c0 + b
+            grad[r0 + a, c0 + b] += 1
+    return y, idx, grad
+
+
+@pytest.mark.parametrize("pseudo_random", [False, True])
+@pytest.mark.parametrize("overlapping", [False, True])
+def test_graham_pooling_matches_loop_reference(pseudo_random, overlapping):
+    rng = np.random.default_rng(6)
+    x = rng.integers(-5, 6, (17, 13)).astype(np.float64)  # ties: first maximum wins
+    key = jax.random.key(3)
+    kw = dict(key=key, pseudo_random=pseudo_random, overlapping=overlapping)
+
+    def pool(v):
+        return jaxconv.fractional_max_pool_graham(
+            v, output_size=(7, 9), return_indices=True, data_format="channels_first", **kw
+        )
+
+    y, vjp, i = jax.vjp(jax.jit(pool), jnp.asarray(x[None]), has_aux=True)
+    bounds = graham_bounds(key, (17, 13), (7, 9), pseudo_random)
+    ry, ri, rg = reference_graham(x, bounds, overlapping)
+    np.testing.assert_array_equal(y[0], ry)
+    np.testing.assert_array_equal(i[0], ri)
+    np.testing.assert_array_equal(vjp(jnp.ones_like(y))[0][0], rg)
+
+
+BOUNDS = jax.jit(graham_bounds, static_argnums=(1, 2, 3))
+
+
+@given(
+    size=st.integers(1, 400),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+    pseudo_random=st.booleans(),
+)
+def test_graham_sequence_properties(size, frac, seed, pseudo_random):
+    out = max(1, min(size, round(size * frac)))
+    (bounds,) = BOUNDS(jax.random.key(seed), (size,), (out,), pseudo_random)
+    bounds = np.asarray(bounds)
+    steps = np.diff(bounds)
+    assert bounds.shape == (out + 1,)
+    assert bounds[0] == 0 and bounds[-1] == size
+    assert set(steps.tolist()) <= {size // out, -(-size // out)}
+    assert np.sum(steps == size // out + 1) == (size % out if size % out else 0)
+
+
+def test_graham_keys():
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((1, 40, 40, 2)), jnp.float32)
+    for pseudo in (False, True):
+        fn = jax.jit(
+            lambda k, p=pseudo: jaxconv.fractional_max_pool_graham(
+                x, output_ratio=(0.7, 0.7), key=k, pseudo_random=p, return_indices=True
+            )[1]
+        )
+        first = fn(jax.random.key(0))
+        np.testing.assert_array_equal(first, fn(jax.random.key(0)))
+        assert any(not np.array_equal(first, fn(jax.random.key(k))) for k in range(1, 5))
+        chex.assert_shape(first, (1, 28, 28, 2))
+        mapped = jax.vmap(fn)(jax.random.split(jax.random.key(1), 2))
+        np.testing.assert_array_equal(mapped[0], fn(jax.random.split(jax.random.key(1), 2)[0]))
+
+
+# Errors.
+
+X = np.ones((2, 9, 8, 3), np.float32)
+U = np.full((2, 3, 2), 0.5, np.float32)
+BAD = [
+    (dict(window=(2, 2), samples=U), ValueError, "output_size"),
+    (dict(window=(2, 2), output_size=3, output_ratio=0.5, samples=U), ValueError, "output_ratio"),
+    (dict(window=(2, 2), output_size=(9, 3), samples=U), ValueError, "output_size"),
+    (dict(window=(2, 2), output_ratio=1.0, samples=U), ValueError, "output_ratio"),
+    (dict(window=(2, 2), output_ratio=(0.5, -0.1), samples=U), ValueError, "output_ratio"),
+    (dict(window=(2, 2), output_ratio=0.05, samples=U), ValueError, "output_ratio"),
+    (dict(window=(2, 2), output_size=3), ValueError, "key"),
+    (dict(window=(2, 2), output_size=3, samples=U, key=jax.random.key(0)), ValueError, "samples"),
+    (dict(window=(2, 2), output_size=3, samples=U[:, :, :1]), ValueError, "samples"),
+    (dict(window=(2, 2), output_size=3, samples=U + 0.5), ValueError, "samples"),
+    (dict(window=(2, 2), output_size=3, samples=U - 0.6), ValueError, "samples"),
+    (dict(window=(2, 2), output_size=3, key=jnp.ones(3, jnp.float32)), TypeError, "key"),
+    (dict(window=2, output_size=3, samples=U), TypeError, "window"),
+    (dict(window=(2, 0), output_size=3, samples=U), ValueError, "window"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "arg"), BAD, ids=str)
+def test_bad_arguments(kwargs, error, arg):
+    with pytest.raises(error, match=rf"^fractional_max_pool: .*{arg}"):
+        jaxconv.fractional_max_pool(X, **kwargs)
+    with pytest.raises(error, match=rf"^fractional_max_pool: .*{arg}"):
+        jax.jit(lambda v: jaxconv.fractional_max_pool(v, **kwargs))(X)
+
+
+GRAHAM_BAD = [
+    (dict(key=jax.random.key(0)), ValueError, "output_size"),
+    (
+        dict(output_size=(4, 4), output_ratio=(0.5, 0.5), key=jax.random.key(0)),
+        ValueError,
+        "output",
+    ),
+    (dict(output_size=(10, 4), key=jax.random.key(0)), ValueError, "output_size"),
+    (dict(output_size=4, key=jax.random.key(0)), TypeError, "output_size"),
+    (dict(output_ratio=(0.5, 1.5), key=jax.random.key(0)), ValueError, "output_ratio"),
+    (dict(output_size=(4, 4), key=None), TypeError, "key"),
+    (dict(output_size=(4, 4), key=jax.random.key(0), overlapping=1), TypeError, "overlapping"),
+    (dict(output_size=(4, 4), key=jax.random.key(0), pseudo_random="y"), TypeError, "pseudo"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "arg"), GRAHAM_BAD, ids=str)
+def test_graham_bad_arguments(kwargs, error, arg):
+    with pytest.raises(error, match=rf"^fractional_max_pool_graham: .*{arg}"):
+        jaxconv.fractional_max_pool_graham(X, **kwargs)
