@@ -38,11 +38,14 @@ def time_calls(call: Callable[[], object], settings: Settings, first_s: float = 
 
     ``first_s`` is the time an already made first call took: when it alone exceeds the budget,
     that one time is the result (no warm-up, no repeats), so a pathological peer cannot stall
-    the suite.
+    the suite; when the warm-up calls would take more than a quarter of the budget, they are
+    skipped (the first call was one).
     """
     if first_s > settings.budget_s:
         return [first_s]
-    for _ in range(settings.warmup):
+    # the first call already warmed up; slow peers skip the extra warm-up calls
+    warmup = settings.warmup if first_s * settings.warmup < settings.budget_s / 4 else 0
+    for _ in range(warmup):
         call()
     times: list[float] = []
     start = time.perf_counter()
