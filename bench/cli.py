@@ -5,6 +5,7 @@
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -41,7 +42,17 @@ def parser() -> argparse.ArgumentParser:
         help=f"comma list out of {','.join(PEERS)} (default all; on GPU/TPU no torch)",
     )
     p.add_argument("--list", action="store_true", help="print the case names and exit")
+    p.add_argument("--render", metavar="JSON", help="rewrite the .md and .png of a results file")
     return p
+
+
+def render(path: str) -> None:
+    """Rewrite the markdown and chart beside an existing results JSON (no measuring)."""
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    base = os.path.splitext(path)[0]
+    report.write_markdown(result, base + ".md")
+    report.write_chart(result, base + ".png")
 
 
 def _peers(arg: str | None, backend: str) -> tuple[str, ...]:
@@ -90,6 +101,9 @@ def run_suite(
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.render:
+        render(args.render)
+        return 0
     defaults = QUICK if args.quick else FULL
     cases = select(all_cases(args.quick), args.filter)
     if args.list or not cases:

@@ -97,3 +97,11 @@ def test_cli_lists_and_filters_cases(capsys):
     full = bench.all_cases()
     assert len({c.name for c in full}) == len(full)
     assert {c.op for c in full} >= {"max_pool", "avg_pool", "lp_pool", "conv", "max_unpool"}
+
+
+def test_render_rewrites_markdown_and_chart_from_json(report, tmp_path):
+    results = tmp_path / "again.json"
+    results.write_text((report / "smoke.json").read_text())
+    assert bench.main(["--render", str(results)]) == 0
+    assert (tmp_path / "again.md").read_text() == (report / "smoke.md").read_text()
+    assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
