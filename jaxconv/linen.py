@@ -17,7 +17,8 @@ Example:
     >>> layer.apply(params, x).shape
     (2, 8, 8, 8)
 
-Every module works under ``jax.jit``, ``jax.grad`` and ``jax.vmap`` as its function does.
+Modules run under ``jax.jit`` and differentiate with ``jax.grad`` (parameters and input) as
+their functions do.
 Requires the ``flax`` extra (``pip install jaxconv[flax]``).
 """
 

@@ -17,7 +17,7 @@ Example:
     >>> layer(jnp.ones((2, 8, 8, 1))).shape
     (2, 8, 8, 8)
 
-Every module works under ``nnx.jit``, ``nnx.grad`` and ``nnx.vmap`` as its function does.
+Modules run under ``nnx.jit`` and differentiate with ``nnx.grad`` as their functions do.
 Requires the ``flax`` extra (``pip install jaxconv[flax]``).
 """
 

@@ -1,6 +1,6 @@
 """The tiny CNN of the demo, built from ``jaxconv.linen`` modules, with a selectable pooling layer.
 
-``conv(3x3, 16) - relu - pool - conv(3x3, 32) - relu - adaptive avg pool (2x2) - dense(10)`` on
+``conv(3x3, 32) - relu - pool - conv(3x3, 64) - relu - adaptive avg pool (2x2) - dense(10)`` on
 8x8 single-channel digits, channels_last. The first pooling layer is one of :data:`VARIANTS`:
 
 =============  ==================================================================================
@@ -8,8 +8,8 @@
 ``avg``        ``AvgPool((2, 2))``
 ``lp``         ``LPPool(2.0, (2, 2))`` (the 2-norm of each window)
 ``lp_learned`` ``LPPool(2.0, (2, 2), learnable_p=True)``: ``p = 1 + softplus(p_raw)`` is trained
-``fractional`` ``FractionalMaxPool((2, 2), output_size=(5, 5))``: random windows while training,
-               the fixed sample ``u = 0.5`` when ``deterministic``
+``fractional`` ``FractionalMaxPool((3, 3), output_size=(5, 5))``: random overlapping windows
+               while training, the fixed sample ``u = 0.5`` when ``deterministic``
 ``adaptive``   ``AdaptiveMaxPool((5, 5))``: 8x8 -> 5x5 with overlapping windows
 =============  ==================================================================================
 """
@@ -31,7 +31,7 @@ def pooling_layer(variant: str) -> nn.Module:
         "avg": lambda: jcl.AvgPool((2, 2), name="pool"),
         "lp": lambda: jcl.LPPool(2.0, (2, 2), name="pool"),
         "lp_learned": lambda: jcl.LPPool(2.0, (2, 2), learnable_p=True, name="pool"),
-        "fractional": lambda: jcl.FractionalMaxPool((2, 2), output_size=(5, 5), name="pool"),
+        "fractional": lambda: jcl.FractionalMaxPool((3, 3), output_size=(5, 5), name="pool"),
         "adaptive": lambda: jcl.AdaptiveMaxPool((5, 5), name="pool"),
     }
     if variant not in layers:
@@ -51,7 +51,7 @@ class TinyCNN(nn.Module):
     """
 
     pool: str = "max"
-    features: tuple[int, int] = (16, 32)
+    features: tuple[int, int] = (32, 64)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:

@@ -7,11 +7,12 @@ import jax
 from jaxconv._demo import cnn, plots, train
 
 
-def run(out: str, c: jax.Array, *, quick: bool = False) -> list[str]:
+def run(out: str, c: jax.Array, *, table: dict | None = None, quick: bool = False) -> list[str]:
     """Train every variant, print the accuracy table, write it and the figures to ``out``.
 
-    ``c`` is the seed's C (for the Lp-identities figure). ``quick`` trains 20 steps per variant.
-    Returns the paths written.
+    ``c`` is the seed's C and ``table`` the seed pooling walkthrough's data (for the
+    Lp-identities figure). ``quick`` trains two short epochs per variant. Returns the paths
+    written.
     """
     mesh = train.make_mesh()
     print("=" * 72)
@@ -24,14 +25,13 @@ def run(out: str, c: jax.Array, *, quick: bool = False) -> list[str]:
     data = train.load_digits()
     print(f"train {len(data.x_train)} / test {len(data.x_test)} images (fixed stratified split)")
     config = train.TrainConfig()
-    steps = 20 if quick else None
-    results = [
-        train.train(variant, data, config, mesh=mesh, steps=steps) for variant in cnn.VARIANTS
-    ]
-    table = train.format_table(results)
-    print("\n" + table + "\n")
+    if quick:
+        config = train.TrainConfig(2, 32, 0.02, features=(16, 32), max_shift=0)
+    results = [train.train(variant, data, config, mesh=mesh) for variant in cnn.VARIANTS]
+    summary = train.format_table(results)
+    print("\n" + summary + "\n")
     os.makedirs(out, exist_ok=True)
     table_path = os.path.join(out, "accuracy.md")
     with open(table_path, "w") as f:
-        f.write(table + "\n")
-    return [table_path, *plots.write_all(results, c, out)]
+        f.write(summary + "\n")
+    return [table_path, *plots.write_all(results, c, out, table)]

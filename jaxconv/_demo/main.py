@@ -17,13 +17,13 @@ def _seed_c() -> jax.Array:
     return conv(a, b)[..., 0]
 
 
-def _pooling_walkthrough(c: jax.Array) -> None:
-    """The seed's pooling section, when that walkthrough is part of this installation."""
+def _pooling_walkthrough(c: jax.Array) -> dict | None:
+    """The seed's pooling section (its table data), when that walkthrough is installed."""
     try:
         from jaxconv._demo.seed_pooling import pooling_walkthrough
     except ImportError:
-        return
-    pooling_walkthrough(c)
+        return None
+    return pooling_walkthrough(c)
 
 
 def run(argv: list[str]) -> int:
@@ -35,10 +35,10 @@ def run(argv: list[str]) -> int:
 
     seed.conv_walkthrough()
     c = _seed_c()
-    _pooling_walkthrough(c)
+    table = _pooling_walkthrough(c)
     from jaxconv._demo import cnn_demo
 
-    paths = cnn_demo.run(args.out, c, quick=args.quick)
+    paths = cnn_demo.run(args.out, c, table=table, quick=args.quick)
     print(f"Written to {os.path.abspath(args.out)}:")
     for path in paths:
         print(f"    {os.path.abspath(path)}")

@@ -61,14 +61,26 @@ def lp_curve(c: jax.Array, ps: np.ndarray) -> np.ndarray:
     return np.stack([np.asarray(pool(jnp.asarray(p, x.dtype))) for p in ps])
 
 
-def plot_lp_identities(c: jax.Array, path: str, ps: np.ndarray | None = None) -> str:
-    """The seed's 1.2(d): Lp pooling of C tends to max pooling as p grows; p = 1 is |S| * avg."""
+def _table_points(table: dict | None):
+    """The finite-p rows of the seed walkthrough's Lp table: ``(ps, values (k, 4))``."""
+    if not table:
+        return None
+    rows = [(p, np.ravel(v)) for p, v in zip(table["p"], table["lp"], strict=True) if p < np.inf]
+    return np.array([p for p, _ in rows]), np.stack([v for _, v in rows])
+
+
+def plot_lp_identities(c: jax.Array, path: str, table: dict | None = None) -> str:
+    """The seed's 1.2(d): Lp pooling of C tends to max pooling as p grows; p = 1 is |S| * avg.
+
+    ``table`` is what the seed's pooling walkthrough returned; its rows are drawn as markers.
+    """
     plt = _pyplot()
-    ps = np.geomspace(1.0, 100.0, 41) if ps is None else np.asarray(ps)
+    ps = np.geomspace(1.0, 100.0, 41)
     x = jnp.asarray(c)[..., None]
     curve = lp_curve(c, ps).reshape(len(ps), -1)
     maxima = np.asarray(jaxconv.max_pool(x, (2, 2), 1)[..., 0]).ravel()
     sums = 4 * np.asarray(jaxconv.avg_pool(x, (2, 2), 1)[..., 0]).ravel()
+    points = _table_points(table)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k in range(curve.shape[1]):
@@ -76,10 +88,14 @@ def plot_lp_identities(c: jax.Array, path: str, ps: np.ndarray | None = None) ->
         col = colors[k % len(colors)]
         axes[0].plot(ps, curve[:, k], color=col, label=f"Lp pool, output ({i + 1},{j + 1})")
         axes[0].axhline(maxima[k], color=col, linestyle="--", linewidth=1)
-        axes[0].plot([1.0], [sums[k]], "o", color=col, markerfacecolor="none")
+        axes[0].plot([1.0], [sums[k]], "o", color=col, markerfacecolor="none", markersize=9)
         axes[1].plot(ps, curve[:, k] / maxima[k] - 1, color=col, label=f"output ({i + 1},{j + 1})")
+        if points is not None:
+            axes[0].plot(points[0], points[1][:, k], "x", color=col)
     axes[0].plot([], [], "k--", linewidth=1, label="max pool (p -> inf)")
     axes[0].plot([], [], "ko", markerfacecolor="none", label="4 x avg pool (p = 1)")
+    if points is not None:
+        axes[0].plot([], [], "kx", label="seed walkthrough table")
     axes[0].set(xscale="log", xlabel="p", ylabel="pooled value")
     axes[0].set_title("Lp pooling of the seed's C (2x2 window, stride 1)")
     axes[1].set(xscale="log", yscale="log", xlabel="p", ylabel="Lp / max - 1")
@@ -92,10 +108,10 @@ def plot_lp_identities(c: jax.Array, path: str, ps: np.ndarray | None = None) ->
     return path
 
 
-def write_all(results: Sequence, c: jax.Array, out: str) -> list[str]:
+def write_all(results: Sequence, c: jax.Array, out: str, table: dict | None = None) -> list[str]:
     """Write every figure into ``out`` (created if needed); their paths."""
     os.makedirs(out, exist_ok=True)
     return [
         plot_training_curves(results, os.path.join(out, "training_curves.png")),
-        plot_lp_identities(c, os.path.join(out, "lp_identities.png")),
+        plot_lp_identities(c, os.path.join(out, "lp_identities.png"), table),
     ]
