@@ -60,19 +60,23 @@ def box_taps(x: jax.Array, plans, fill) -> list[jax.Array]:
 
 
 def _block(x, plans, ranges, fn, fill):
+    """``fn`` over one block of outputs; ``x`` is an array or a tuple of same-shaped arrays."""
+    arrays = x if isinstance(x, tuple) else (x,)
     subs = []
     for plan, (start, stop) in zip(plans, ranges, strict=True):
         sub, lo_in, hi_in = _sub_plan(plan, start, stop)
-        x = lax.slice_in_dim(x, lo_in, hi_in, 1, plan.axis)
+        arrays = tuple(lax.slice_in_dim(a, lo_in, hi_in, 1, plan.axis) for a in arrays)
         subs.append(sub)
-    return fn(box_taps(x, subs, fill), ranges)
+    parts = [box_taps(a, subs, fill) for a in arrays]
+    return fn(list(zip(*parts, strict=True)) if isinstance(x, tuple) else parts[0], ranges)
 
 
 def box_map(x: jax.Array, plans, fn, fill) -> jax.Array:
     """``fn(box_taps)`` at every output, the interior on plain slices, the borders apart.
 
     ``fn(parts, ranges)`` maps the taps of a block of outputs to that block, elementwise;
-    ``ranges`` gives the block's output range ``(start, stop)`` along each plan's axis.
+    ``ranges`` gives the block's output range ``(start, stop)`` along each plan's axis. ``x`` may
+    be a tuple of same-shaped arrays; then each part is the tuple of their taps.
     """
     per_axis = [_segments(plan) for plan in plans]
     blocks = [
@@ -80,12 +84,12 @@ def box_map(x: jax.Array, plans, fn, fill) -> jax.Array:
     ]
     if len(blocks) == 1:
         return blocks[0][1]
-    shape = list(x.shape)
+    shape = list(blocks[0][1].shape)
     for plan in plans:
         shape[plan.axis] = plan.out
     out = jnp.zeros(shape, blocks[0][1].dtype)
     for ranges, block in blocks:
-        starts = [0] * x.ndim
+        starts = [0] * block.ndim
         for plan, (start, _) in zip(plans, ranges, strict=True):
             starts[plan.axis] = start
         out = lax.dynamic_update_slice(out, block, starts)
@@ -107,6 +111,35 @@ def _dilate(h: jax.Array, axis: int, stride: int) -> jax.Array:
     return lax.slice_in_dim(stacked.reshape(shape), 0, (h.shape[axis] - 1) * stride + 1, 1, axis)
 
 
+def block_of(x: jax.Array, plans, ranges) -> jax.Array:
+    """The block ``ranges`` (one ``(start, stop)`` per plan) of ``x`` along the plans' axes."""
+    for plan, (start, stop) in zip(plans, ranges, strict=True):
+        x = lax.slice_in_dim(x, start, stop, 1, plan.axis)
+    return x
+
+
+def adjoint_map(h: jax.Array, plans, sizes, fn) -> jax.Array:
+    """``fn(parts, ranges)`` at every *input* position, over the windows that read it.
+
+    ``h`` is output-shaped (on the plans' axes), or a tuple of such arrays. Along each axis,
+    ``h`` is dilated by the stride and read through the flipped window at stride 1, so at input
+    position ``i`` the parts hold ``h`` of every output whose window reads ``i``, and zero for
+    tap slots that no window fills.
+    ``ranges`` are input ranges; ``sizes`` the input lengths along the plans' axes.
+    """
+    flipped = []
+    for plan, size in zip(plans, sizes, strict=True):
+        if isinstance(h, tuple):
+            h = tuple(_dilate(a, plan.axis, plan.stride) for a in h)
+        else:
+            h = _dilate(h, plan.axis, plan.stride)
+        length = (plan.out - 1) * plan.stride + 1
+        lo = plan.dilation * (plan.kernel - 1) - plan.lo
+        hi = size - 1 + plan.span - length - lo
+        flipped.append(AxisPlan(plan.axis, length, plan.kernel, 1, plan.dilation, lo, hi, size))
+    return box_map(h, flipped, fn, 0)
+
+
 def sum_transpose(h: jax.Array, plans, sizes) -> jax.Array:
     """The adjoint of the box-window sum ``box_map(x, plans, sum, 0)``, applied to ``h``.
 
@@ -114,11 +147,4 @@ def sum_transpose(h: jax.Array, plans, sizes) -> jax.Array:
     axis that is the window sum, at stride 1, of ``h`` dilated by the stride, with the window
     flipped (a sum does not see the order). ``sizes`` are the input lengths along the plans' axes.
     """
-    flipped = []
-    for plan, size in zip(plans, sizes, strict=True):
-        h = _dilate(h, plan.axis, plan.stride)
-        length = (plan.out - 1) * plan.stride + 1
-        lo = plan.dilation * (plan.kernel - 1) - plan.lo
-        hi = size - 1 + plan.span - length - lo
-        flipped.append(AxisPlan(plan.axis, length, plan.kernel, 1, plan.dilation, lo, hi, size))
-    return box_map(h, flipped, lambda parts, _: functools.reduce(jnp.add, parts), 0)
+    return adjoint_map(h, plans, sizes, lambda parts, _: functools.reduce(jnp.add, parts))

@@ -38,7 +38,7 @@ from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_floating
 from jaxconv._src.avg import BOX_LIMIT
-from jaxconv._src.boxmap import box_map, box_taps, sum_transpose
+from jaxconv._src.boxmap import adjoint_map, block_of, box_map, box_taps, sum_transpose
 from jaxconv._src.window import window_spec
 
 _FNAME = "lp_pool"
@@ -87,40 +87,48 @@ def _box_max(x, plans):
     return box_map(x, plans, lambda parts, _: functools.reduce(jnp.maximum, map(jnp.abs, parts)), 0)
 
 
-def _transpose_taps(x, plans, parts):
-    """The adjoint of ``box_taps(x, plans, 0)`` applied to per-tap cotangents."""
-    spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    (dx,) = jax.linear_transpose(lambda v: box_taps(v, plans, 0), spec)(parts)
-    return dx
-
-
-def _ratios(x, y, plans):
-    """Per tap, ``sign(x)`` and ``q = |x| / y`` (0 where ``y == 0``)."""
-    inv = _safe_inverse(y)
-    parts = box_taps(x, plans, 0)
-    return [jnp.sign(t) for t in parts], [jnp.abs(t) * inv for t in parts]
-
-
 def _grad_x(x, y, g, p, plans):
-    """``sum over windows of g * sign(x) * (|x|/y)^(p-1)``; one window sum for p = 1 and 2."""
+    """``sum over windows of g * sign(x) * (|x|/y)^(p-1)``, computed at each input position.
+
+    For p = 1 and 2 that is one window sum of an output-shaped array; otherwise each input
+    position reads ``g`` and ``y`` of the windows that contain it (an adjoint map).
+    """
     sizes = [plan.size for plan in plans]
     if isinstance(p, float) and p == 1.0:
         return jnp.sign(x) * sum_transpose(g, plans, sizes)
     if isinstance(p, float) and p == 2.0:
         # |x| <= y in every window that reads x, so x * (g / y) stays finite; windows whose norm
         # is below the smallest normal number are treated as zero.
-        tiny = jnp.finfo(y.dtype).tiny
-        big = y >= tiny
+        big = y >= jnp.finfo(y.dtype).tiny
         return x * sum_transpose(jnp.where(big, g / jnp.where(big, y, 1), 0), plans, sizes)
-    signs, qs = _ratios(x, y, plans)
-    parts = [g * s * _power(q, p - 1) for s, q in zip(signs, qs, strict=True)]
-    return _transpose_taps(x, plans, parts)
+
+    def spread(parts, ranges):
+        xb = block_of(x, plans, ranges)
+        a = jnp.abs(xb)
+        terms = [gt * _power(a * _safe_inverse(yt), p - 1) for gt, yt in parts]
+        return jnp.sign(xb) * functools.reduce(jnp.add, terms)
+
+    return adjoint_map((g, y), plans, sizes, spread)
 
 
 def _grad_p(x, y, g, p, plans):
-    _, qs = _ratios(x, y, plans)
-    terms = [jnp.where(q > 0, _power(q, p) * jnp.log(jnp.where(q > 0, q, 1)), 0) for q in qs]
-    return jnp.sum(g * y * functools.reduce(jnp.add, terms)) / p
+    """``sum over outputs of g * y/p * sum_j q_j^p log q_j`` with ``q = |x|/y``."""
+
+    def per_output(parts, ranges):
+        yb, gb = block_of(y, plans, ranges), block_of(g, plans, ranges)
+        inv = _safe_inverse(yb)
+        qs = [jnp.abs(t) * inv for t in parts]
+        terms = [jnp.where(q > 0, _power(q, p) * jnp.log(jnp.where(q > 0, q, 1)), 0) for q in qs]
+        return gb * yb * functools.reduce(jnp.add, terms)
+
+    return jnp.sum(box_map(x, plans, per_output, 0)) / p
+
+
+def _transpose_taps(x, plans, parts):
+    """The adjoint of ``box_taps(x, plans, 0)`` applied to per-tap cotangents."""
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    (dx,) = jax.linear_transpose(lambda v: box_taps(v, plans, 0), spec)(parts)
+    return dx
 
 
 # Static p (a Python float): only x is differentiated.
