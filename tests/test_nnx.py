@@ -1,0 +1,187 @@
+"""jaxconv.nnx modules: initialisers against flax.nnx, outputs against PyTorch, state and rngs.
+
+Each module is run under ``nnx.jit``.
+"""
+
+import zlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+import jaxconv
+from jaxconv import nnx as jcn
+
+CL, CF = "channels_last", "channels_first"
+
+
+def _x(shape, *key, positive=False):
+    x = _rng(*key).standard_normal(shape).astype(np.float32)
+    return jnp.asarray(np.abs(x) if positive else x)
+
+
+def _rng(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+@nnx.jit
+def _call(module, x):
+    return module(x)
+
+
+def test_conv_initialisers_and_output_match_flax_nnx():
+    x = _x((2, 8, 8, 3), "conv")
+    ours = jcn.Conv(3, 5, (3, 3), padding="SAME", rngs=nnx.Rngs(7))
+    theirs = nnx.Conv(3, 5, (3, 3), padding="SAME", rngs=nnx.Rngs(7))
+    chex.assert_trees_all_equal(nnx.state(ours, nnx.Param), nnx.state(theirs, nnx.Param))
+    assert not np.any(np.asarray(ours.bias[...]))
+    np.testing.assert_allclose(_call(ours, x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_channels_first_matches_torch():
+    x = _x((2, 4, 9, 7), "conv-cf")
+    layer = jcn.Conv(4, 6, (3, 2), 2, 1, 1, 2, data_format=CF, rngs=nnx.Rngs(0))
+    chex.assert_shape(layer.kernel[...], (6, 2, 3, 2))
+    layer.bias[...] = jnp.asarray(_rng("bias").standard_normal(6), jnp.float32)
+    out = _call(layer, x)
+    w, b = (torch.tensor(np.asarray(v[...])) for v in (layer.kernel, layer.bias))
+    want = F.conv2d(torch.tensor(np.asarray(x)), w, b, 2, 1, groups=2)
+    chex.assert_shape(out, tuple(want.shape))
+    np.testing.assert_allclose(out, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_transpose_matches_torch():
+    x = _x((2, 5, 4, 4), "convT")
+    layer = jcn.ConvTranspose(4, 6, (3, 3), 2, 1, 1, groups=2, use_bias=False, rngs=nnx.Rngs(1))
+    chex.assert_shape(layer.kernel[...], (3, 3, 3, 4))
+    assert layer.bias is None
+    out = _call(layer, x)
+    w = torch.tensor(np.asarray(layer.kernel[...]).transpose(3, 2, 0, 1))
+    tx = torch.tensor(np.moveaxis(np.asarray(x), -1, 1))
+    want = F.conv_transpose2d(tx, w, None, 2, 1, output_padding=1, groups=2).numpy()
+    np.testing.assert_allclose(np.moveaxis(np.asarray(out), -1, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_bad_kernel_size_is_named():
+    with pytest.raises(TypeError, match=r"jaxconv.nnx.Conv.*kernel_size"):
+        jcn.Conv(3, 4, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"jaxconv.nnx.ConvTranspose.*groups"):
+        jcn.ConvTranspose(3, 4, (3, 3), groups=2, rngs=nnx.Rngs(0))
+
+
+# (module, the function call it must equal) for every pooling module.
+POOLS = {
+    "max": (
+        lambda: jcn.MaxPool((3, 2), (2, 1), 1, dilation=(1, 2), ceil_mode=True),
+        lambda x: jaxconv.max_pool(x, (3, 2), (2, 1), 1, dilation=(1, 2), ceil_mode=True),
+    ),
+    "avg": (
+        lambda: jcn.AvgPool((3, 3), 2, 1, count_include_pad=False, data_format=CF),
+        lambda x: jaxconv.avg_pool(x, (3, 3), 2, 1, count_include_pad=False, data_format=CF),
+    ),
+    "lp": (
+        lambda: jcn.LPPool(3.0, (2, 3), (1, 2)),
+        lambda x: jaxconv.lp_pool(x, 3.0, (2, 3), (1, 2)),
+    ),
+    "adaptive_avg": (
+        lambda: jcn.AdaptiveAvgPool((3, 5)),
+        lambda x: jaxconv.adaptive_avg_pool(x, (3, 5)),
+    ),
+    "adaptive_max": (
+        lambda: jcn.AdaptiveMaxPool((4, None), return_indices=True),
+        lambda x: jaxconv.adaptive_max_pool(x, (4, None), return_indices=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(POOLS))
+def test_pooling_modules_call_their_function(name):
+    make, function = POOLS[name]
+    layer = make()
+    assert not jax.tree.leaves(nnx.state(layer))
+    x = _x((2, 9, 7, 3), name)
+    chex.assert_trees_all_close(_call(layer, x), function(x), rtol=1e-6)
+
+
+def test_max_pool_module_matches_torch():
+    x = _x((2, 9, 7, 3), "max-torch")
+    out = _call(jcn.MaxPool((3, 3), 2, 1), x)
+    want = F.max_pool2d(torch.tensor(np.moveaxis(np.asarray(x), -1, 1)), 3, 2, 1).numpy()
+    np.testing.assert_allclose(np.moveaxis(np.asarray(out), -1, 1), want, rtol=1e-6)
+
+
+def test_learnable_p_is_a_param_that_stays_at_least_one():
+    x = _x((2, 6, 6, 3), "learnable", positive=True)
+    layer = jcn.LPPool(2.5, (2, 2), learnable_p=True)
+    params = nnx.state(layer, nnx.Param)
+    chex.assert_shape(layer.p_raw[...], ())
+    assert len(jax.tree.leaves(params)) == 1
+    np.testing.assert_allclose(layer.p_value, 2.5, rtol=1e-6)
+    np.testing.assert_allclose(_call(layer, x), jaxconv.lp_pool(x, 2.5, (2, 2)), rtol=1e-5)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 step counts and floats
+        optimizer = nnx.Optimizer(layer, optax.adam(1.0), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(layer, optimizer, x):
+        # For x >= 0 the p-norm falls as p grows: maximising the output pushes p towards 1.
+        grads = nnx.grad(lambda m: -jnp.sum(m(x)))(layer)
+        with jax.numpy_dtype_promotion("standard"):
+            optimizer.update(layer, grads)
+
+    seen = []
+    for _ in range(60):
+        step(layer, optimizer, x)
+        seen.append(float(layer.p_value))
+    assert min(seen) >= 1.0
+    assert seen[-1] < 1.01
+
+
+def test_fixed_p_has_no_parameters():
+    layer = jcn.LPPool(2.0, (2, 2))
+    assert layer.p_value == 2.0
+    assert not jax.tree.leaves(nnx.state(layer, nnx.Param))
+
+
+def _fractional(**kw):
+    return jcn.FractionalMaxPool((2, 2), output_size=(5, 5), return_indices=True, **kw)
+
+
+def test_fractional_keeps_a_stream_and_advances_it():
+    x = _x((2, 9, 9, 3), "fractional")
+    a, b = _fractional(rngs=nnx.Rngs(fractional=3)), _fractional(rngs=nnx.Rngs(fractional=3))
+    first, again = _call(a, x), _call(b, x)
+    chex.assert_trees_all_equal(first, again)
+    chex.assert_shape(first, (2, 5, 5, 3))
+    second = _call(a, x)
+    assert np.any(np.asarray(first[1]) != np.asarray(second[1]))
+    given = a(x, rngs=jax.random.key(5))
+    chex.assert_trees_all_equal(
+        given,
+        jaxconv.fractional_max_pool(
+            x, (2, 2), output_size=(5, 5), key=jax.random.key(5), return_indices=True
+        ),
+    )
+
+
+def test_fractional_eval_mode_is_deterministic_and_needs_no_rngs():
+    x = _x((1, 2, 8, 8), "fractional-eval")
+    layer = jcn.FractionalMaxPool((3, 3), output_ratio=0.75, data_format=CF)
+    with pytest.raises(ValueError, match=r"jaxconv.nnx.FractionalMaxPool.*rngs"):
+        layer(x)
+    model = nnx.Sequential(layer)
+    model.eval()
+    out = _call(model, x)
+    samples = jnp.full((1, 2, 2), 0.5, jnp.float32)
+    want = jaxconv.fractional_max_pool(
+        x, (3, 3), output_ratio=0.75, samples=samples, data_format=CF
+    )
+    chex.assert_trees_all_equal(out, want)
+    model.train()
+    assert layer.deterministic is False
+    assert layer(x, deterministic=True).shape == (1, 2, 6, 6)
