@@ -502,7 +502,8 @@ def lp_torch_agrees(case, geometry):
 
 
 def pool_expect(case, x, geometry, use_reference):
-    """``(values, indices, grads)`` of the oracle in jaxconv's layout, or ``(error, ...)``."""
+    """``(values, indices or None, torch leaves)`` of the oracle (PyTorch's layout), or
+    ``(error, None, None)``."""
     c = case["c"]
     xt = torch_in(x, c)
     leaves = [xt]
@@ -515,9 +516,9 @@ def pool_expect(case, x, geometry, use_reference):
     else:
         out, err = torch_try(torch_pool, case, xt, geometry)
         if err is not None:
-            return err, None, None, None
+            return err, None, None
         y, idx = out
-    return y, idx, leaves, None
+    return y, idx, leaves
 
 
 def check_pool(case):
@@ -530,7 +531,7 @@ def check_pool(case):
     outcome = "agree"
     use_reference = documented_extension(case, geometry)
     if not use_reference:
-        y, idx, leaves, _ = pool_expect(case, x, geometry, False)
+        y, idx, leaves = pool_expect(case, x, geometry, False)
         if isinstance(y, Exception):
             if not isinstance(got, Exception) and pool_valid(case, geometry):
                 # max: padding up to half the span, not half the kernel; avg_pool3d alone
@@ -546,12 +547,12 @@ def check_pool(case):
             return settle(got, RuntimeError("invalid by the documented rule"), fname)
         if isinstance(got, Exception):
             raise DisagreementError(f"jaxconv rejects a valid configuration: {got}")
-        y, idx, leaves, _ = pool_expect(case, x, geometry, True)
+        y, idx, leaves = pool_expect(case, x, geometry, True)
     if isinstance(got, Exception):
         raise DisagreementError(f"jaxconv rejects what the oracle accepts: {got}")
     compare_pool(case, got, extra, y, idx, leaves)
     if kind == "lp" and lp_torch_agrees(case, geometry):
-        y, _, leaves, _ = pool_expect(case, x, geometry, False)
+        y, _, leaves = pool_expect(case, x, geometry, False)
         compare_pool(case, got, extra, y, None, leaves)
         outcome = "agree"
     return outcome
