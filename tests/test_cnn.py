@@ -97,7 +97,7 @@ def test_loss_and_every_gradient_match_torch(variant):
     for name, g in want.items():
         assert np.isfinite(g).all()
         scale = np.abs(g).max()
-        np.testing.assert_allclose(ours[name], g, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+        np.testing.assert_allclose(ours[name], g, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
 
 @pytest.mark.parametrize("variant", cnn.VARIANTS)
