@@ -12,6 +12,12 @@ axis at a time. Each axis is described by a *plan*, any object with
 
 ``aux`` carries a plan's traced data (fractional pooling's random starts); static plans ignore it.
 
+A plan may also have ``window(x, aux)``: its taps stacked on a new axis right after ``axis``
+(shape ``(..., out, k, ...)``), built so that its transpose is cheap (a reshape, a few slices or
+one gather), or None where it has no such form. The tangent then picks the chosen tap with one
+compare-and-select over that axis instead of ``k`` selects over ``k`` taps, whose transpose adds
+``k`` padded arrays. Entries past a window's end are never picked and may hold anything.
+
 Tie rule (PyTorch's CPU kernels): scanning the window in row-major order, a value replaces the
 current maximum when it is larger or NaN; so the first maximum wins and the last NaN wins. Reducing
 the last spatial axis first and carrying the earlier winners' offsets keeps exactly that
@@ -29,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxconv._src.window import AxisPlan, along, pad_axis
 
 
 def offset_dtype(kernel: int):
@@ -77,9 +85,20 @@ def max_stages(x, aux, plans):
     return value, stages, finals
 
 
+def _pick_window(w, offset, axis):
+    """The entries of the stacked taps ``w`` (window axis ``axis``) at ``offset``."""
+    hit = lax.broadcasted_iota(offset.dtype, w.shape, axis) == jnp.expand_dims(offset, axis)
+    return jnp.sum(jnp.where(hit, w, jnp.zeros((), w.dtype)), axis=axis)
+
+
 def pick(t, aux, plans, stages):
     """The tangent taps chosen by ``stages``; linear in ``t``."""
     for plan, a, offset in zip(reversed(plans), reversed(aux), stages, strict=True):
+        window = getattr(plan, "window", None)
+        w = None if window is None else window(t, a)
+        if w is not None:
+            t = _pick_window(w, offset, plan.axis + 1)
+            continue
         tt = plan.taps(t, jnp.asarray(0, t.dtype), a)
         t = tt[0]
         for j in range(1, len(tt)):
@@ -87,19 +106,137 @@ def pick(t, aux, plans, stages):
     return t
 
 
+def _use_reduce_window(plan) -> bool:
+    """Regular plans whose windows overlap or read padding reduce with ``lax.reduce_window``."""
+    if not isinstance(plan, AxisPlan):
+        return False
+    return plan.span > plan.stride or plan.lo > 0 or plan.hi_needed > 0
+
+
+def _window_args(plan: AxisPlan, ndim: int):
+    """``lax.reduce_window`` dimensions, strides, padding and dilation for one axis."""
+    dims, strides, dil = [1] * ndim, [1] * ndim, [1] * ndim
+    pads = [(0, 0)] * ndim
+    dims[plan.axis], strides[plan.axis], dil[plan.axis] = plan.kernel, plan.stride, plan.dilation
+    pads[plan.axis] = (plan.lo, max(plan.hi_needed, 0))
+    return dict(window_dimensions=dims, window_strides=strides, padding=pads, window_dilation=dil)
+
+
+def _crop(x, plan: AxisPlan):
+    return lax.slice_in_dim(x, 0, plan.out, 1, plan.axis)
+
+
+def _axis_values(x, plan, a):
+    """Max along one plan's axis, values only (``lax.max`` propagates NaN)."""
+    fill = jnp.asarray(-jnp.inf, x.dtype)
+    if _use_reduce_window(plan):
+        return _crop(lax.reduce_window(x, fill, lax.max, **_window_args(plan, x.ndim)), plan)
+    value_taps = plan.taps(x, fill, a)
+    x = value_taps[0]
+    for tap in value_taps[1:]:
+        x = lax.max(x, tap)
+    return x
+
+
 def max_values(x, aux, plans):
-    """Max over the window without the winners: ``lax.max`` folds, which propagate NaN.
+    """Max over the window without the winners.
 
     The value does not depend on which maximum wins, so the primal (no tangent) skips the tie
     rule's compares and offsets.
     """
-    fill = jnp.asarray(-jnp.inf, x.dtype)
     for plan, a in zip(reversed(plans), reversed(aux), strict=True):
-        value_taps = plan.taps(x, fill, a)
-        x = value_taps[0]
-        for tap in value_taps[1:]:
-            x = lax.max(x, tap)
+        x = _axis_values(x, plan, a)
     return x
+
+
+def _position_dtype(size: int):
+    """The smallest integer dtype holding positions ``[0, size)`` and a larger padding mark."""
+    if size < 127:
+        return jnp.int8
+    return jnp.int16 if size < 32767 else jnp.int32
+
+
+def _later_wins(a, b):
+    """PyTorch's tie rule as a total order on ``(value, position)``: NaN above all (the later
+    NaN higher), then the larger value, then the earlier position. Associative and
+    commutative, so ``reduce_window`` may combine in any order."""
+    (va, ia), (vb, ib) = a, b
+    nan_a, nan_b = jnp.isnan(va), jnp.isnan(vb)
+    either = nan_a | nan_b
+    b_wins = jnp.where(either, nan_b & (~nan_a | (ib > ia)), (vb > va) | ((vb == va) & (ib < ia)))
+    return jnp.where(b_wins, vb, va), jnp.where(b_wins, ib, ia)
+
+
+def _argmax_window(x, plan: AxisPlan):
+    """Value and tap offset of the winner along one axis: one variadic ``reduce_window``.
+
+    Padding reads as ``(-inf, largest position)``, so it never wins, not even against ``-inf``.
+    """
+    dtype = _position_dtype(plan.size)
+    position = lax.broadcasted_iota(dtype, x.shape, plan.axis)
+    init = (jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(jnp.iinfo(dtype).max, dtype))
+    value, where = lax.reduce_window((x, position), init, _later_wins, **_window_args(plan, x.ndim))
+    value, where = _crop(value, plan), _crop(where, plan)
+    start = along(np.arange(plan.out) * plan.stride - plan.lo, plan.axis, x.ndim)
+    offset = (where.astype(jnp.int32) - jnp.asarray(start, jnp.int32)) // plan.dilation
+    return value, offset.astype(offset_dtype(plan.kernel))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _argmax_stage(x, plan: AxisPlan):
+    """:func:`_argmax_window` with a derivative (so the tangent rule is differentiable too)."""
+    return _argmax_window(x, plan)
+
+
+@_argmax_stage.defjvp
+def _argmax_stage_jvp(plan, primals, tangents):
+    value, offset = _argmax_stage(primals[0], plan)
+    no_tangent = np.zeros(offset.shape, jax.dtypes.float0)
+    return (value, offset), (_phase_pick(tangents[0], plan, offset), no_tangent)
+
+
+def _phase_pick(t, plan: AxisPlan, offset):
+    """The tap of ``t`` chosen by ``offset`` along a regular plan's axis; linear in ``t``.
+
+    ``t`` is padded and reshaped to ``(blocks, stride)`` along the axis, so tap ``j`` (padded
+    position ``o*stride + j*dilation = (o + q)*stride + r``) is the unit slice
+    ``[q, q + out)`` of the blocks at phase ``r``. Per block shift ``q`` one compare picks the
+    phase and a sum over the phase axis collapses it. The transpose is made of broadcasts,
+    selects, edge pads and a reshape: no interior padding, no scatter.
+    """
+    axis, s = plan.axis, plan.stride
+    shifts = [divmod(j * plan.dilation, s) for j in range(plan.kernel)]
+    blocks = plan.out + max(q for q, _ in shifts)
+    t = pad_axis(t, axis, plan.lo, blocks * s - plan.size - plan.lo, 0)
+    t = t.reshape((*t.shape[:axis], blocks, s, *t.shape[axis + 1 :]))
+    offset = jnp.expand_dims(offset, axis + 1)
+    total = None
+    for q in sorted({q for q, _ in shifts}):
+        taps = np.full(s, -1, np.int32)
+        for j, (qj, r) in enumerate(shifts):
+            if qj == q:
+                taps[r] = j
+        hit = offset == jnp.asarray(along(taps, axis + 1, t.ndim), offset.dtype)
+        part = lax.slice_in_dim(t, q, q + plan.out, 1, axis)
+        term = jnp.sum(jnp.where(hit, part, jnp.zeros((), t.dtype)), axis=axis + 1)
+        total = term if total is None else total + term
+    return total
+
+
+def _axis_stage(x, plan, a):
+    """Winner along one axis: its value and tap offset (the tangent rule's residual)."""
+    if _use_reduce_window(plan):
+        return _argmax_stage(x, plan)
+    value_taps = plan.taps(x, jnp.asarray(-jnp.inf, x.dtype), a)
+    value, offset, _ = _fold(value_taps, plan.valid(x.ndim), [()] * len(value_taps))
+    return value, offset
+
+
+def _axis_pick(t, plan, a, offset):
+    """The tangent tap chosen by ``offset`` along one axis; linear in ``t``."""
+    if isinstance(plan, AxisPlan):
+        return _phase_pick(t, plan, offset)
+    return pick(t, (a,), (plan,), (offset,))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -112,8 +249,13 @@ def max_reduce(x, aux, plans):
 def _max_reduce_jvp(plans, primals, tangents):
     x, aux = primals
     t, _ = tangents
-    value, stages, _ = max_stages(x, aux, plans)
-    return value, pick(t, aux, plans, stages)
+    stages = []
+    for plan, a in zip(reversed(plans), reversed(aux), strict=True):
+        x, offset = _axis_stage(x, plan, a)
+        stages.append(offset)
+    for plan, a, offset in zip(reversed(plans), reversed(aux), stages, strict=True):
+        t = _axis_pick(t, plan, a, offset)
+    return x, t
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
