@@ -81,6 +81,32 @@ class AdaptivePlan:
             taps.append(tap if ok is None else jnp.where(ok, tap, jnp.asarray(fill, x.dtype)))
         return taps
 
+    def window(self, x, aux=None) -> jax.Array | None:
+        """The taps stacked after ``axis`` from a reshape (arithmetic starts), else None.
+
+        With step ``s`` the axis is cut into blocks of ``s``; window ``i`` is block ``i`` and
+        the first elements of the next ``ceil(k/s) - 1`` blocks, so the transpose is a reshape
+        and ``ceil(k/s)`` slices (one when ``In % Out == 0``).
+        """
+        s = self.stride
+        if s is None:
+            return None
+        k, out, axis = self.kernel, self.out, self.axis
+        s = k if out == 1 else s
+        pieces = -(-k // s)
+        length = (out - 1 + pieces) * s
+        if length > self.size:
+            x = _pad_high(x, axis, length - self.size, 0)
+        x = lax.slice_in_dim(x, 0, length, axis=axis)
+        blocks = x.reshape(*x.shape[:axis], out - 1 + pieces, s, *x.shape[axis + 1 :])
+        parts = [
+            lax.slice_in_dim(
+                lax.slice_in_dim(blocks, p, p + out, axis=axis), 0, min(s, k - p * s), axis=axis + 1
+            )
+            for p in range(pieces)
+        ]
+        return parts[0] if pieces == 1 else jnp.concatenate(parts, axis=axis + 1)
+
     def valid(self, ndim: int) -> list[np.ndarray | None]:
         lengths = self.lengths
         return [

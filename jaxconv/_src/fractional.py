@@ -76,6 +76,20 @@ class FractionalPlan:
         del fill  # every tap reads real input
         return [_take(x, self._index(aux, j, x.ndim), self.axis) for j in range(self.kernel)]
 
+    def window(self, x, aux) -> jax.Array | None:
+        """The taps stacked after ``axis`` by one gather (fixed-length windows), else None."""
+        start, length = aux
+        if length is not None:
+            return None
+        ax = self.axis
+        start = jnp.expand_dims(self._spread(start, x.ndim), ax + 1)
+        shape = [1] * (x.ndim + 1)
+        shape[ax + 1] = self.kernel
+        index = start + lax.broadcasted_iota(jnp.int32, tuple(shape), ax + 1)
+        index = index.reshape(*index.shape[:ax], -1, *index.shape[ax + 2 :])
+        w = _take(x, index, ax)
+        return w.reshape(*w.shape[:ax], self.out, self.kernel, *w.shape[ax + 1 :])
+
     def valid(self, ndim: int) -> list[None]:
         return [None] * self.kernel
 
