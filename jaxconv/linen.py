@@ -285,7 +285,8 @@ class FractionalMaxPool(nn.Module):
             :func:`jaxconv.fractional_max_pool`.
         deterministic: when True the pooling regions are fixed (every sample ``u`` is
             ``0.5``); when False each call draws a key from the ``rng_collection`` stream
-            (``apply(..., rngs={"fractional": key})``). May also be given to ``__call__``.
+            (``apply(..., rngs={"fractional": key})``). Set it here or in ``__call__`` (exactly
+            one of the two, as ``flax.linen.Dropout``).
         rng_collection: name of the rng stream the random samples come from.
     """
 
