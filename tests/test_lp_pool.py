@@ -157,8 +157,13 @@ def test_gradient_with_respect_to_p_matches_finite_differences():
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.5])
 def test_check_grads_reverse_order_2_static_p(p):
-    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 6, 5, 2)))
-    check_grads(jax.jit(_lp(p, (3, 2), (2, 1), 1, dilation=(1, 2))), (x,), 2, modes=["rev"])
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 9, 2)))
+    check_grads(jax.jit(_lp(p, (3,), 2, 2, dilation=2, ceil_mode=True)), (x,), 2, modes=["rev"])
+
+
+def test_check_grads_2d_dilated():
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 6, 5, 2)))
+    check_grads(jax.jit(_lp(3.5, (3, 2), (2, 1), 1, dilation=(1, 2))), (x,), 1, modes=["rev"])
 
 
 def test_check_grads_reverse_order_2_traced_p():
@@ -228,8 +233,10 @@ def test_jit_vmap_over_batch_and_over_p():
     np.testing.assert_allclose(jax.vmap(f, (0, None))(x, jnp.float32(2.0)), y, rtol=1e-6)
     ps = jnp.array([1.0, 2.0, 4.0], jnp.float32)
     by_p = jax.vmap(f, (None, 0))(x[0], ps)
+    x_cf = np.moveaxis(np.asarray(x[0], np.float64), -1, 1)
     for i, p in enumerate([1.0, 2.0, 4.0]):
-        np.testing.assert_allclose(by_p[i], jaxconv.lp_pool(x[0], p, (3, 3), 2, 1), rtol=1e-5)
+        expected = reference_lp(x_cf, p, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), False)
+        np.testing.assert_allclose(np.moveaxis(np.asarray(by_p[i]), -1, 1), expected, rtol=1e-5)
     grads = jax.vmap(jax.grad(lambda p, x: jnp.sum(f(x, p))), (0, None))(ps, x[0])
     chex.assert_shape(grads, (3,))
     chex.assert_tree_all_finite(grads)

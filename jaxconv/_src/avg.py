@@ -169,6 +169,10 @@ def avg_pool(
       ``floor((in + lo + hi - k + (s - 1 if ceil_mode else 0)) / s) + 1`` (see
       :func:`jaxconv.conv_output_size`), dtype ``x.dtype``.
 
+    One rule for every number of spatial axes: a window may overhang the input in ceil mode
+    (as ``avg_pool1d``/``avg_pool2d`` allow); PyTorch's ``avg_pool3d`` alone rejects an input
+    smaller than the window.
+
     Transformations: ``jit``, ``vmap``, ``grad``/``vjp`` and reverse-over-reverse (``grad`` of
     ``grad``, ``jacrev`` of ``jacrev``). Not forward mode: the fast adjoint is a
     ``jax.custom_vjp``, so ``jvp``, ``jacfwd`` and ``jax.hessian`` raise.
