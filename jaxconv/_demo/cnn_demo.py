@@ -29,7 +29,9 @@ def run(out: str, c: jax.Array, *, table: dict | None = None, quick: bool = Fals
         config = train.TrainConfig(2, 32, 0.02, features=(16, 32), max_shift=0)
     results = [train.train(variant, data, config, mesh=mesh) for variant in cnn.VARIANTS]
     summary = train.format_table(results)
-    print("\n" + summary + "\n")
+    print(
+        "\n" + summary + "\n(train time includes compilation; test accuracy after the last epoch)\n"
+    )
     os.makedirs(out, exist_ok=True)
     table_path = os.path.join(out, "accuracy.md")
     with open(table_path, "w") as f:
