@@ -272,3 +272,16 @@ def test_bad_x_and_window_arguments_raise_clear_errors():
         jaxconv.lp_pool(jnp.ones((1, 4, 4, 1)), 2.0, (2, 2), padding=2)
     with pytest.raises(ValueError, match=r"lp_pool.*data_format"):
         jaxconv.lp_pool(jnp.ones((1, 4, 4, 1)), 2.0, (2, 2), data_format="NCHW")
+
+
+def test_demo_pooling_walkthrough_reproduces_the_seed(capsys):
+    from jaxconv._demo.seed_pooling import P_VALUES, pooling_walkthrough
+
+    table = pooling_walkthrough(SEED_C)
+    np.testing.assert_array_equal(table["max_pool"], [[109, 92], [110, 85]])
+    assert table["identity_p1_holds"] and table["window_size"] == 4
+    np.testing.assert_allclose(np.asarray(table["lp"][0]), 4 * np.asarray(table["avg_pool"]))
+    assert list(table["p"]) == list(P_VALUES)
+    gaps = table["gap_to_max"]
+    assert all(a > b for a, b in itertools.pairwise(gaps)) and gaps[-1] == 0
+    assert "MISMATCH" not in capsys.readouterr().out
