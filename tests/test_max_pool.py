@@ -119,6 +119,22 @@ def test_dilated_gradient_matches_torch():
     np.testing.assert_allclose(grad, tgrad, rtol=1e-5, atol=1e-6)
 
 
+def test_long_axis_matches_torch():
+    """Axes of 127 or more positions switch the winner's position dtype from int8 to int16."""
+    rng = np.random.default_rng(11)
+    x_cf = rng.integers(-5, 6, (2, 3, 300)).astype(np.float32)
+    args = ((7,), (3,), 3, 2, True)
+    ty, _, _ = torch_max(x_cf, None, *args)
+    g_cf = rng.standard_normal(ty.shape).astype(np.float32)
+    ty, ti, tgrad = torch_max(x_cf, g_cf, *args)
+    y, i, grad, y2, grad2 = jax_max_fn(*args, "channels_first")(jnp.asarray(x_cf), g_cf)
+    np.testing.assert_array_equal(y, ty)
+    np.testing.assert_array_equal(y2, ty)
+    np.testing.assert_array_equal(i, ti)
+    np.testing.assert_allclose(grad, tgrad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad2, tgrad, rtol=1e-5, atol=1e-6)
+
+
 def out_size(i, k, s, pad, d, ceil_mode):
     """PyTorch's pooling output size (Pool.h) with padding ``(lo, hi)``."""
     lo, hi = pad

@@ -27,6 +27,12 @@ The derivative is a ``jax.custom_jvp`` whose tangent picks, per axis, the tangen
 primal. That is linear in the tangent and made of slices, pads and selects, so reverse mode
 transposes it into pads and adds (no scatter: deterministic on every backend), and forward mode and
 higher orders work.
+
+Regular plans (:class:`jaxconv._src.window.AxisPlan`) take measured fast paths (see
+:mod:`jaxconv._src.max` for the numbers): where the windows overlap or read padding, each axis is
+one ``lax.reduce_window`` (a max for the value; a variadic ``(value, position)`` reduction with the
+tie rule as its comparator for the derivative), and their tangent pick reshapes the axis into
+``(blocks, stride)`` so that its transpose has no interior padding. Other plans use the tap fold.
 """
 
 import functools
