@@ -9,10 +9,16 @@ when the starts are an arithmetic progression (``In % Out == 0``, ``Out == 1`` a
 ``k`` and never on the number of outputs.
 
 Max reuses the shared selection of :mod:`jaxconv._src.select` (PyTorch's tie rule, flat indices,
-the linear ``custom_jvp`` tangent). Average sums the taps under their masks, exactly as PyTorch
-does (no cumulative sum, which loses precision on long axes), and divides by the product of the
-per-axis lengths. Its fast paths: an axis with ``In % Out == 0`` is summed after a reshape
-(all such axes in one reduction), and ``Out == In`` axes are skipped.
+the linear ``custom_jvp`` tangent). Windows of one length at a fixed step (arithmetic starts
+always have one length) are handed over as a regular :class:`~jaxconv._src.window.AxisPlan`, so
+they take the regular windows' paths: on CPU (2 cores, float32 NHWC (32, 50, 50, 64) -> 7x7)
+forward plus backward measured about 4 ms against about 20-60 ms for PyTorch channels_last,
+where this module's own taps measured about 200 ms.
+
+Average sums the taps under their masks, exactly as PyTorch does (no cumulative sum, which
+loses precision on long axes), and divides by the product of the per-axis lengths. Its fast
+paths: an axis with ``In % Out == 0`` is summed after a reshape (all such axes in one
+reduction), and ``Out == In`` axes are skipped.
 """
 
 import dataclasses
@@ -25,7 +31,7 @@ from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, is_int, layout_axes, spatial_rank
 from jaxconv._src.select import max_and_index, max_reduce
-from jaxconv._src.window import along
+from jaxconv._src.window import AxisPlan, along
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,32 +87,6 @@ class AdaptivePlan:
             taps.append(tap if ok is None else jnp.where(ok, tap, jnp.asarray(fill, x.dtype)))
         return taps
 
-    def window(self, x, aux=None) -> jax.Array | None:
-        """The taps stacked after ``axis`` from a reshape (arithmetic starts), else None.
-
-        With step ``s`` the axis is cut into blocks of ``s``; window ``i`` is block ``i`` and
-        the first elements of the next ``ceil(k/s) - 1`` blocks, so the transpose is a reshape
-        and ``ceil(k/s)`` slices (one when ``In % Out == 0``).
-        """
-        s = self.stride
-        if s is None:
-            return None
-        k, out, axis = self.kernel, self.out, self.axis
-        s = k if out == 1 else s
-        pieces = -(-k // s)
-        length = (out - 1 + pieces) * s
-        if length > self.size:
-            x = _pad_high(x, axis, length - self.size, 0)
-        x = lax.slice_in_dim(x, 0, length, axis=axis)
-        blocks = x.reshape(*x.shape[:axis], out - 1 + pieces, s, *x.shape[axis + 1 :])
-        parts = [
-            lax.slice_in_dim(
-                lax.slice_in_dim(blocks, p, p + out, axis=axis), 0, min(s, k - p * s), axis=axis + 1
-            )
-            for p in range(pieces)
-        ]
-        return parts[0] if pieces == 1 else jnp.concatenate(parts, axis=axis + 1)
-
     def valid(self, ndim: int) -> list[np.ndarray | None]:
         lengths = self.lengths
         return [
@@ -117,6 +97,15 @@ class AdaptivePlan:
     def position(self, offset, aux=None) -> jax.Array:
         start = along(self.starts, self.axis, offset.ndim).astype(np.int32)
         return jnp.asarray(start) + offset.astype(jnp.int32)
+
+
+def _as_regular(plan: AdaptivePlan) -> AdaptivePlan | AxisPlan:
+    """Windows of one length at a fixed step are a regular window (no padding): an AxisPlan."""
+    lengths = plan.lengths
+    if plan.stride is None or np.any(lengths != lengths[0]):
+        return plan
+    stride = plan.size if plan.out == 1 else plan.stride
+    return AxisPlan(plan.axis, plan.size, int(lengths[0]), stride, 1, 0, 0, plan.out)
 
 
 def _pad_high(x, axis, amount, fill):
@@ -255,7 +244,7 @@ def adaptive_max_pool(
     fname = "adaptive_max_pool"
     x = check_floating(fname, "x", x)
     return_indices = check_bool(fname, "return_indices", return_indices)
-    plans = adaptive_plans(fname, x.shape, output_size, data_format)
+    plans = tuple(_as_regular(p) for p in adaptive_plans(fname, x.shape, output_size, data_format))
     aux = (None,) * len(plans)
     if not return_indices:
         return max_reduce(x, aux, plans)
