@@ -14,10 +14,10 @@ borders; summing the padded per-axis slices of :func:`jaxconv._src.window.taps` 
 and one 3x3 ``lax.reduce_window`` 34-53 ms (an unvectorised loop). PyTorch channels_last took
 about 3 ms in the same runs.
 
-The derivative is a ``jax.custom_vjp``: the adjoint of a window sum is again a window sum, of the
-cotangent dilated by the stride (:func:`jaxconv._src.boxmap.sum_transpose`), which runs at the
-speed of the forward pass (about 3 ms for the case above), where JAX's own transpose of the
-slices (a sum of padded copies) measured 75-180 ms.
+The derivative is a ``jax.custom_vjp``: the adjoint of a window sum is again a window sum of the
+cotangent, one stride phase of the input at a time (:func:`jaxconv._src.boxmap.sum_transpose`),
+which runs at the speed of the forward pass (about 3 ms for the case above), where JAX's own
+transpose of the slices (a sum of padded copies) measured 75-180 ms.
 """
 
 import functools
@@ -103,9 +103,9 @@ def _mean_transpose(g: jax.Array, spec: WindowSpec, div) -> jax.Array:
     return h
 
 
-# The mean is linear; its adjoint is again a window sum (of the cotangent, dilated by the
-# stride), which runs as fast as the forward pass. XLA's own transpose of the slices is a sum of
-# padded copies that compiles to slow branchy loops on CPU.
+# The mean is linear; its adjoint is again a window sum of the cotangent (one stride phase of
+# the input at a time), which runs as fast as the forward pass. XLA's own transpose of the
+# slices is a sum of padded copies that compiles to slow branchy loops on CPU.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _mean(x, spec: WindowSpec, count_include_pad: bool, divisor_override):
     return window_mean(x, spec, divisor(spec, count_include_pad, divisor_override))

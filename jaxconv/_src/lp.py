@@ -102,13 +102,13 @@ def _grad_x(x, y, g, p, plans):
         big = y >= jnp.finfo(y.dtype).tiny
         return x * sum_transpose(jnp.where(big, g / jnp.where(big, y, 1), 0), plans, sizes)
 
-    def spread(parts, ranges):
-        xb = block_of(x, plans, ranges)
+    def spread(parts, extra):
+        (xb,) = extra
         a = jnp.abs(xb)
         terms = [gt * _power(a * _safe_inverse(yt), p - 1) for gt, yt in parts]
         return jnp.sign(xb) * functools.reduce(jnp.add, terms)
 
-    return adjoint_map((g, y), plans, sizes, spread)
+    return adjoint_map((g, y), plans, sizes, spread, extras=(x,))
 
 
 def _grad_p(x, y, g, p, plans):
