@@ -242,6 +242,12 @@ def test_jit_vmap_over_batch_and_over_p():
     chex.assert_tree_all_finite(grads)
 
 
+def test_traced_p_inf_is_the_max_of_abs():
+    x = jnp.asarray(np.random.default_rng(11).standard_normal((1, 6, 6, 2)), jnp.float32)
+    traced = jax.jit(lambda x, p: jaxconv.lp_pool(x, p, (3, 3), 2))(x, jnp.float32(np.inf))
+    np.testing.assert_array_equal(traced, jaxconv.lp_pool(x, float("inf"), (3, 3), 2))
+
+
 def test_forward_mode_is_not_supported():
     x = jnp.ones((1, 4, 4, 1))
     with pytest.raises(TypeError, match="custom_vjp"):

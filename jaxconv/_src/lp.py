@@ -19,8 +19,10 @@ all-zero window gives ``y = 0`` and a zero gradient. With ``q = |x|/y <= 1``:
 For a static ``p`` of 1 or 2 the input gradient needs one window sum of an output-shaped array,
 ``sign(x) * S^T(g)`` and ``x * S^T(g / y)``, computed as fast as the forward pass by
 :func:`jaxconv._src.boxmap.sum_transpose`; other ``p`` go through the per-tap ratios above.
-Measured on CPU (float32 NHWC (32, 56, 56, 64), p=2 3x3 s2, one XLA thread, best of 12 under
-heavy machine load): forward one fused loop of about 2.5 ms; forward+backward about 8 ms.
+Measured on CPU (float32 NHWC (32, 56, 56, 64), 3x3 s2, per-fusion times from ``jax.profiler``
+with one XLA thread, best of 12, on a heavily loaded 2-core machine): the p=2 forward is one
+fused loop of about 2.5 ms and forward+backward about 11 ms; p=8 forward+backward about 16 ms
+(34 ms when the gradient read a dilated copy of ``g`` and ``y``).
 
 ``p = inf`` (a Python float) is ``max |x|``; its gradient goes to the first maximum of ``|x|`` in
 row-major window order, as max pooling's does.
