@@ -264,15 +264,66 @@ def _max_reduce_jvp(plans, primals, tangents):
     return x, t
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def max_and_index(x, aux, plans, sizes):
-    """``max_reduce`` and the winners' :func:`flat_index` (int32, no tangent) in one pass."""
+    """``max_reduce`` and the winners' :func:`flat_index` (int32, no tangent) in one pass.
+
+    Regular plans carry the winner's flat position through one variadic ``reduce_window`` per
+    axis (row-major order is flat-position order, so the tie rule compares positions); other
+    plans fold their taps.
+    """
+    if all(isinstance(plan, AxisPlan) for plan in plans):
+        value, index, _ = _flat_argmax(x, plans, sizes)
+        return value, index
+    return _max_and_index_folded(x, aux, plans, sizes)
+
+
+def _flat_argmax_stages(x, plans, sizes):
+    """Value, flat index and per-step tap offsets of the winners of regular plans."""
+    axes = [plan.axis for plan in plans]
+    shape = [1] * x.ndim
+    for a, size in zip(axes, sizes, strict=True):
+        shape[a] = size
+    where = lax.broadcasted_iota(jnp.int32, tuple(shape), axes[0])
+    for a, size in zip(axes[1:], sizes[1:], strict=True):
+        where = where * size + lax.broadcasted_iota(jnp.int32, tuple(shape), a)
+    where = jnp.broadcast_to(where, x.shape)
+    init = (jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
+    stages, scale = [], 1
+    for plan, size in zip(reversed(plans), reversed(sizes), strict=True):
+        args = _window_args(plan, x.ndim)
+        x, where = lax.reduce_window((x, where), init, _later_wins, **args)
+        x, where = _crop(x, plan), _crop(where, plan)
+        start = along(np.arange(plan.out) * plan.stride - plan.lo, plan.axis, x.ndim)
+        coord = (where // scale) % size
+        offset = (coord - jnp.asarray(start, jnp.int32)) // plan.dilation
+        stages.append(offset.astype(offset_dtype(plan.kernel)))
+        scale *= size
+    return x, where, stages
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _flat_argmax(x, plans, sizes):
+    return _flat_argmax_stages(x, plans, sizes)
+
+
+@_flat_argmax.defjvp
+def _flat_argmax_jvp(plans, sizes, primals, tangents):
+    value, index, stages = _flat_argmax(primals[0], plans, sizes)
+    t = tangents[0]
+    for plan, offset in zip(reversed(plans), stages, strict=True):
+        t = _phase_pick(t, plan, offset)
+    no_tangent = [np.zeros(v.shape, jax.dtypes.float0) for v in (index, *stages)]
+    return (value, index, stages), (t, no_tangent[0], no_tangent[1:])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _max_and_index_folded(x, aux, plans, sizes):
     value, _, finals = max_stages(x, aux, plans)
     return value, flat_index(finals, aux, plans, sizes)
 
 
-@max_and_index.defjvp
-def _max_and_index_jvp(plans, sizes, primals, tangents):
+@_max_and_index_folded.defjvp
+def _max_and_index_folded_jvp(plans, sizes, primals, tangents):
     x, aux = primals
     t, _ = tangents
     value, stages, finals = max_stages(x, aux, plans)
