@@ -76,19 +76,22 @@ class FractionalPlan:
         del fill  # every tap reads real input
         return [_take(x, self._index(aux, j, x.ndim), self.axis) for j in range(self.kernel)]
 
-    def window(self, x, aux) -> jax.Array | None:
-        """The taps stacked after ``axis`` by one gather (fixed-length windows), else None."""
+    def window(self, x, aux) -> jax.Array:
+        """The taps stacked after ``axis`` (shape ``(..., out, kernel, ...)``) by one gather."""
         start, length = aux
-        if length is not None:
-            return None
-        ax = self.axis
-        start = jnp.expand_dims(self._spread(start, x.ndim), ax + 1)
-        shape = [1] * (x.ndim + 1)
-        shape[ax + 1] = self.kernel
-        index = start + lax.broadcasted_iota(jnp.int32, tuple(shape), ax + 1)
-        index = index.reshape(*index.shape[:ax], -1, *index.shape[ax + 2 :])
-        w = _take(x, index, ax)
-        return w.reshape(*w.shape[:ax], self.out, self.kernel, *w.shape[ax + 1 :])
+        ax, k = self.axis, self.kernel
+        if start.ndim == 1 and x.ndim > 1:  # shared starts: a (out, kernel) index table
+            steps = jnp.arange(k, dtype=jnp.int32)[None, :]
+            if length is not None:
+                steps = jnp.minimum(steps, length[:, None] - 1)
+            w = jnp.take(x, (start[:, None] + steps).reshape(-1), axis=ax, mode="clip")
+        else:
+            start = jnp.expand_dims(self._spread(start, x.ndim), ax + 1)
+            shape = [1] * (x.ndim + 1)
+            shape[ax + 1] = k
+            index = start + lax.broadcasted_iota(jnp.int32, tuple(shape), ax + 1)
+            w = _take(x, index.reshape(*index.shape[:ax], -1, *index.shape[ax + 2 :]), ax)
+        return w.reshape(*w.shape[:ax], self.out, k, *w.shape[ax + 1 :])
 
     def valid(self, ndim: int) -> list[None]:
         return [None] * self.kernel
@@ -99,7 +102,7 @@ class FractionalPlan:
 
 def _take(x, index, axis):
     if index.ndim == 1 and x.ndim > 1:
-        return jnp.take(x, index, axis=axis, mode="promise_in_bounds")
+        return jnp.take(x, index, axis=axis, mode="clip")
     return jnp.take_along_axis(x, index, axis=axis, mode="promise_in_bounds")
 
 
