@@ -277,28 +277,42 @@ def max_and_index(x, aux, plans, sizes):
     return _max_and_index_folded(x, aux, plans, sizes)
 
 
+def _carry_winner(a, b):
+    """:func:`_later_wins` on ``(value, position)`` that also carries payloads (the earlier
+    axes' winning positions). Within one axis's window the positions differ, so comparing them
+    is comparing row-major order."""
+    value, position = _later_wins(a[:2], b[:2])
+    b_won = position == b[1]
+    payloads = [jnp.where(b_won, pb, pa) for pa, pb in zip(a[2:], b[2:], strict=True)]
+    return (value, position, *payloads)
+
+
 def _flat_argmax_stages(x, plans, sizes):
-    """Value, flat index and per-step tap offsets of the winners of regular plans."""
-    axes = [plan.axis for plan in plans]
-    shape = [1] * x.ndim
-    for a, size in zip(axes, sizes, strict=True):
-        shape[a] = size
-    where = lax.broadcasted_iota(jnp.int32, tuple(shape), axes[0])
-    for a, size in zip(axes[1:], sizes[1:], strict=True):
-        where = where * size + lax.broadcasted_iota(jnp.int32, tuple(shape), a)
-    where = jnp.broadcast_to(where, x.shape)
-    init = (jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
-    stages, scale = [], 1
-    for plan, size in zip(reversed(plans), reversed(sizes), strict=True):
+    """Value, flat index and per-step tap offsets of the winners of regular plans.
+
+    Each axis is one variadic ``reduce_window`` over ``(value, position along the axis,
+    positions won on the axes already reduced)``, positions in the smallest integer dtype.
+    """
+    payloads, stages = [], []
+    for plan in reversed(plans):
+        dtype = _position_dtype(plan.size)
+        position = lax.broadcasted_iota(dtype, x.shape, plan.axis)
+        init = [jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(jnp.iinfo(dtype).max, dtype)]
+        init += [jnp.zeros((), p.dtype) for p in payloads]
         args = _window_args(plan, x.ndim)
-        x, where = lax.reduce_window((x, where), init, _later_wins, **args)
+        x, where, *payloads = lax.reduce_window(
+            (x, position, *payloads), tuple(init), _carry_winner, **args
+        )
         x, where = _crop(x, plan), _crop(where, plan)
+        payloads = [_crop(p, plan) for p in payloads] + [where]
         start = along(np.arange(plan.out) * plan.stride - plan.lo, plan.axis, x.ndim)
-        coord = (where // scale) % size
-        offset = (coord - jnp.asarray(start, jnp.int32)) // plan.dilation
+        offset = (where.astype(jnp.int32) - jnp.asarray(start, jnp.int32)) // plan.dilation
         stages.append(offset.astype(offset_dtype(plan.kernel)))
-        scale *= size
-    return x, where, stages
+    index = None
+    for where, size in zip(reversed(payloads), sizes, strict=True):
+        where = where.astype(jnp.int32)
+        index = where if index is None else index * size + where
+    return x, index, stages
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
