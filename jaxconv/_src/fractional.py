@@ -19,6 +19,13 @@ Graham's sequences (Graham 2014, ``tf.nn.fractional_max_pool``) are cumulative b
 ``ceil(in/out)``: a random permutation of those increments ("random"), or
 ``a[i] = ceil(alpha*(i + u)) - 1`` with ``alpha = in/out`` and one ``u`` ("pseudo-random").
 Window ``i`` is ``[a[i], a[i+1])``, or ``[a[i], min(a[i+1], in - 1)]`` when overlapping.
+
+Taps are gathers (``take_along_axis`` for per-channel starts, ``take`` for shared ones); the
+tangent stacks a window's taps with one gather (``FractionalPlan.window``), so reverse mode
+scatters once per axis instead of once per tap. Measured on CPU (2 shared cores, float32 NHWC
+(32, 56, 56, 64), 2x2 window, ratio 0.5): forward about 5-10 ms against about 45-70 ms for
+PyTorch; forward plus backward about 135-190 ms against about 100-125 ms for PyTorch (the
+scatter of the gathers' transpose dominates).
 """
 
 import dataclasses
@@ -162,7 +169,12 @@ def _pseudo_random_grid(size: int, out: int) -> tuple[int, int]:
     """
     k = size // out
     top = min((k + 2) * out - size, size + out - k * out)
-    q = max(1, (2**30) // (size * out + top))
+    q = (2**30) // (size * out + top)
+    if q < 1:
+        raise ValueError(
+            f"fractional_max_pool_graham: the pseudo-random sequence needs in*out below 2**30, "
+            f"got output_size {out} for the input size {size}."
+        )
     return q, top
 
 
