@@ -201,7 +201,7 @@ def _argmax_stage_jvp(plan, primals, tangents):
     return (value, offset), (_phase_pick(tangents[0], plan, offset), no_tangent)
 
 
-def _phase_pick(t, plan: AxisPlan, offset):
+def _phase_pick(t, plan: AxisPlan, offset, shift_offsets: bool = False):
     """The tap of ``t`` chosen by ``offset`` along a regular plan's axis; linear in ``t``.
 
     ``t`` is padded and reshaped to ``(blocks, stride)`` along the axis, so tap ``j`` (padded
@@ -209,22 +209,33 @@ def _phase_pick(t, plan: AxisPlan, offset):
     ``[q, q + out)`` of the blocks at phase ``r``. Per block shift ``q`` one compare picks the
     phase and a sum over the phase axis collapses it. The transpose is made of broadcasts,
     selects, edge pads and a reshape: no interior padding, no scatter.
+
+    ``shift_offsets`` moves the shift by ``q`` from the tangent to the (primal) offsets: the
+    compare and sum run over all blocks and the sum is sliced, so the transpose pads the
+    cotangent as an operand inside one loop instead of materialising one padded array per
+    shift. Measured faster on the spatial axes other than the last (see ``max.py``).
     """
     axis, s = plan.axis, plan.stride
     shifts = [divmod(j * plan.dilation, s) for j in range(plan.kernel)]
-    blocks = plan.out + max(q for q, _ in shifts)
+    most = max(q for q, _ in shifts)
+    blocks = plan.out + most
     t = pad_axis(t, axis, plan.lo, blocks * s - plan.size - plan.lo, 0)
     t = t.reshape((*t.shape[:axis], blocks, s, *t.shape[axis + 1 :]))
-    offset = jnp.expand_dims(offset, axis + 1)
     total = None
     for q in sorted({q for q, _ in shifts}):
         taps = np.full(s, -1, np.int32)
         for j, (qj, r) in enumerate(shifts):
             if qj == q:
                 taps[r] = j
-        hit = offset == jnp.asarray(along(taps, axis + 1, t.ndim), offset.dtype)
-        part = lax.slice_in_dim(t, q, q + plan.out, 1, axis)
-        term = jnp.sum(jnp.where(hit, part, jnp.zeros((), t.dtype)), axis=axis + 1)
+        taps = jnp.asarray(along(taps, axis + 1, t.ndim), offset.dtype)
+        if shift_offsets:
+            hit = jnp.expand_dims(pad_axis(offset, axis, q, most - q, -1), axis + 1) == taps
+            term = jnp.sum(jnp.where(hit, t, jnp.zeros((), t.dtype)), axis=axis + 1)
+            term = lax.slice_in_dim(term, q, q + plan.out, 1, axis)
+        else:
+            hit = jnp.expand_dims(offset, axis + 1) == taps
+            part = lax.slice_in_dim(t, q, q + plan.out, 1, axis)
+            term = jnp.sum(jnp.where(hit, part, jnp.zeros((), t.dtype)), axis=axis + 1)
         total = term if total is None else total + term
     return total
 
@@ -238,10 +249,10 @@ def _axis_stage(x, plan, a):
     return value, offset
 
 
-def _axis_pick(t, plan, a, offset):
-    """The tangent tap chosen by ``offset`` along one axis; linear in ``t``."""
+def _axis_pick(t, plan, a, offset, last: bool):
+    """The tangent tap chosen by ``offset`` along one axis (``last``: the last spatial axis)."""
     if isinstance(plan, AxisPlan):
-        return _phase_pick(t, plan, offset)
+        return _phase_pick(t, plan, offset, shift_offsets=not last)
     return pick(t, (a,), (plan,), (offset,))
 
 
@@ -260,7 +271,7 @@ def _max_reduce_jvp(plans, primals, tangents):
         x, offset = _axis_stage(x, plan, a)
         stages.append(offset)
     for plan, a, offset in zip(reversed(plans), reversed(aux), stages, strict=True):
-        t = _axis_pick(t, plan, a, offset)
+        t = _axis_pick(t, plan, a, offset, plan is plans[-1])
     return x, t
 
 
@@ -325,7 +336,7 @@ def _flat_argmax_jvp(plans, sizes, primals, tangents):
     value, index, stages = _flat_argmax(primals[0], plans, sizes)
     t = tangents[0]
     for plan, offset in zip(reversed(plans), stages, strict=True):
-        t = _phase_pick(t, plan, offset)
+        t = _phase_pick(t, plan, offset, shift_offsets=plan is not plans[-1])
     no_tangent = [np.zeros(v.shape, jax.dtypes.float0) for v in (index, *stages)]
     return (value, index, stages), (t, no_tangent[0], no_tangent[1:])
 
