@@ -24,7 +24,18 @@ NHWC, interleaved medians against flax.linen.max_pool and PyTorch channels_last 
   forward+backward about 19-25 ms against about 37 ms for the variadic reduction.
 - The tangent pick reshapes the axis to ``(blocks, stride)`` so each tap is a unit slice; the
   transpose has no interior padding. On (32, 56, 56, 64) 2x2 s2 forward+backward it measured about
-  17 ms against about 50 ms for per-tap strided-slice selects.
+  17 ms against about 50 ms for per-tap strided-slice selects. On the spatial axes before the last
+  the shift by whole blocks is applied to the int8 offsets rather than to the tangent, so the
+  transpose pads the cotangent inside one loop: 3x3 s2 p1 forward+backward about 21-45 ms against
+  63-98 ms with the shift on the tangent (2x2 s2: about 10 against 20 ms).
+- ``return_indices`` carries each winner's position per axis (int8 where the axis is shorter than
+  127) as a payload through the same variadic reductions: 3x3 s2 p1 forward about 21 ms against
+  about 48-58 ms for the slice fold with per-axis padding.
+
+Measured in one run after these choices (medians, ms; load from other jobs made absolute numbers
+vary by 2-5x between runs, the ratios less): (32, 56, 56, 64) 3x3 s2 p1 forward+backward 35
+(flax 395, PyTorch channels_last 67, NCHW 141), forward 1.9-7.6 (PyTorch channels_last 1.6-10);
+2x2 s2 forward+backward 14 (flax 229, PyTorch channels_last 82).
 """
 
 import math
