@@ -352,6 +352,8 @@ def check_conv_transpose(case):
             case["groups"],
             case["dilation"],
         )
+        if native_err is None and native.numel() == 0:  # PyTorch returns an empty output
+            native_err = RuntimeError("output size 0")
         if (native_err is None) != (err is None):
             raise DisagreementError(f"reference and torch differ on validity: {native_err} / {err}")
         if native_err is None:
@@ -383,12 +385,17 @@ def pool_cases(draw, kind):
         "c": c,
         "kind": kind,
         "kernel": tuple(draw(st.integers(1, 4)) for _ in range(c.n)),
-        "sizes": sizes_for(draw, c.n),
         "stride": draw(st.one_of(st.none(), axes_of(c.n, 1, 3))),
         "dilation": 1 if kind == "avg" else draw(axes_of(c.n, 1, 2)),
         "padding": draw(paddings(c.n, 2)),
         "ceil_mode": draw(st.booleans()),
     }
+    spans = [
+        d * (k - 1) + 1
+        for k, d in zip(case["kernel"], per_axis(case["dilation"], c.n), strict=True)
+    ]
+    top = 7 if c.n < 3 else 5  # mostly windows that fit; some that do not
+    case["sizes"] = tuple(draw(st.integers(1, top) | st.integers(sp, sp + 3)) for sp in spans)
     if kind == "avg":
         case["count_include_pad"] = draw(st.booleans())
         case["divisor_override"] = draw(st.one_of(st.none(), st.integers(1, 6)))
