@@ -186,6 +186,22 @@ def test_half_precision(dtype):
 def test_large_values_stay_finite():
     x = jnp.full((1, 30, 1), 6e4, jnp.float16)  # a float16 sum would overflow
     np.testing.assert_array_equal(jaxconv.adaptive_avg_pool(x, (3,)), jnp.full((1, 3, 1), 6e4))
+    rng = np.random.default_rng(9)
+    big = rng.uniform(1e38, 3e38, (2, 12, 10, 2)).astype(np.float32)  # float32 sums overflow
+    for size in [(4, 5), (5, 3)]:  # divisible (one reshape) and masked taps
+        y = jax.jit(lambda v, s=size: jaxconv.adaptive_avg_pool(v, s))(big)
+        ref = F.adaptive_avg_pool2d(
+            torch.tensor(np.moveaxis(big, -1, 1), dtype=torch.float64), size
+        )
+        np.testing.assert_allclose(y, np.moveaxis(ref.numpy(), 1, -1), rtol=1e-6)
+
+
+def test_infinite_inputs_propagate():
+    x = np.ones((1, 6, 1), np.float32)
+    x[0, 1], x[0, 4], x[0, 5] = np.inf, np.inf, -np.inf
+    y = jaxconv.adaptive_avg_pool(x, (2,))[0, :, 0]
+    want = F.adaptive_avg_pool1d(torch.tensor(x[..., 0])[None], 2)[0, 0].numpy()
+    np.testing.assert_array_equal(y, want)  # [inf, nan]
 
 
 BAD = [

@@ -18,8 +18,9 @@ where this module's own taps measured about 200 ms. Known gap: large non-overlap
 PyTorch, because XLA re-evaluates the shared fold's per-axis winners inside the gradient's
 loop instead of storing them.
 
-Average sums the taps under their masks, exactly as PyTorch does (no cumulative sum, which
-loses precision on long axes), and divides by the product of the per-axis lengths. Its fast
+Average sums the taps under their masks and divides by the window length, one axis at a time,
+as PyTorch does (no cumulative sum, which loses precision on long axes); where a sum overflows
+it is redone on the input scaled by an exact power of two. Its fast
 paths: an axis with ``In % Out == 0`` is summed after a reshape (all such axes in one
 reduction), and ``Out == In`` axes are skipped.
 """
@@ -64,7 +65,7 @@ class AdaptivePlan:
         if self.out == 1:
             return 1
         steps = np.diff(self.starts)
-        return int(steps[0]) if np.all(steps == steps[0]) else None
+        return int(steps[0]) if steps[0] > 0 and np.all(steps == steps[0]) else None
 
     # The plan protocol of jaxconv._src.select (``aux`` is unused: the plan is static).
     def taps(self, x, fill, aux=None) -> list[jax.Array]:
@@ -137,9 +138,26 @@ def adaptive_plans(fname: str, shape, output_size, data_format) -> tuple[Adaptiv
     )
 
 
-def _sum_divisible(x, plans):
-    """Sum every ``In % Out == 0`` axis over its windows with one reshape and one reduction."""
-    shape, reduce_axes = [], []
+def _safe_mean(total, x, count, largest: int):
+    """``total(x) / count``, as PyTorch (sum, then divide), without overflow where the mean is
+    finite: where the sum overflows, the sum of ``x * 2**-e`` (``2**e >= largest``, an exact
+    scaling) is divided and scaled back; that second pass runs only when a mean is infinite."""
+    mean = total(x) / count
+    scale = 2.0 ** int(np.ceil(np.log2(max(largest, 1))))
+    if scale == 1.0:
+        return mean
+
+    def rescue(mean, x):
+        scaled = total(x * jnp.asarray(1 / scale, x.dtype)) / count * jnp.asarray(scale, x.dtype)
+        return jnp.where(jnp.isinf(mean) & ~jnp.isinf(scaled), scaled, mean)
+
+    # Only runs when some mean is infinite (an overflow, or an infinite input).
+    return lax.cond(jnp.any(jnp.isinf(mean)), rescue, lambda mean, x: mean, mean, x)
+
+
+def _mean_divisible(x, plans):
+    """Average every ``In % Out == 0`` axis over its windows: one reshape, one reduction."""
+    shape, reduce_axes, count = [], [], 1
     plan_of = {p.axis: p for p in plans}
     for axis, size in enumerate(x.shape):
         plan = plan_of.get(axis)
@@ -148,23 +166,26 @@ def _sum_divisible(x, plans):
         else:
             shape.extend((plan.out, size // plan.out))
             reduce_axes.append(len(shape) - 1)
-    return jnp.sum(x.reshape(shape), axis=tuple(reduce_axes))
+            count *= size // plan.out
+
+    def total(v):
+        return jnp.sum(v.reshape(shape), axis=tuple(reduce_axes))
+
+    return _safe_mean(total, x, jnp.asarray(count, x.dtype), count)
 
 
-def _sum_masked(x, plan):
-    """Sum along one axis over its windows: the taps under their validity masks."""
-    total = None
-    for tap, ok in zip(plan.taps(x, 0), plan.valid(x.ndim), strict=True):
-        term = tap if ok is None else jnp.where(ok, tap, jnp.zeros((), tap.dtype))
-        total = term if total is None else total + term
-    return total
+def _mean_masked(x, plan):
+    """Average along one axis over its windows: the taps under their validity masks."""
 
+    def total(v):
+        out = None
+        for tap, ok in zip(plan.taps(v, 0), plan.valid(v.ndim), strict=True):
+            term = tap if ok is None else jnp.where(ok, tap, jnp.zeros((), tap.dtype))
+            out = term if out is None else out + term
+        return out
 
-def _divisor(plans, ndim):
-    total = np.ones((1,) * ndim)
-    for plan in plans:
-        total = total * along(plan.lengths.astype(np.float64), plan.axis, ndim)
-    return float(total.item()) if total.size == 1 else total
+    lengths = jnp.asarray(along(plan.lengths, plan.axis, x.ndim).astype(np.float64), x.dtype)
+    return _safe_mean(total, x, lengths, plan.kernel)
 
 
 def adaptive_avg_pool(
@@ -200,15 +221,14 @@ def adaptive_avg_pool(
     plans = adaptive_plans(fname, x.shape, output_size, data_format)
     plans = tuple(p for p in plans if p.out != p.size)
     compute = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
-    total = x.astype(compute)
+    mean = x.astype(compute)
     divisible = tuple(p for p in plans if p.size % p.out == 0)
     if divisible:
-        total = _sum_divisible(total, divisible)
+        mean = _mean_divisible(mean, divisible)
     for plan in plans:
         if plan.size % plan.out:
-            total = _sum_masked(total, plan)
-    div = _divisor(plans, x.ndim)
-    return (total / jnp.asarray(div, compute)).astype(x.dtype)
+            mean = _mean_masked(mean, plan)
+    return mean.astype(x.dtype)
 
 
 def adaptive_max_pool(
