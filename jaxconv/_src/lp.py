@@ -79,7 +79,8 @@ def _norm_of(parts, p):
     m = functools.reduce(jnp.maximum, parts)
     inv = _safe_inverse(m)
     s = functools.reduce(jnp.add, [_power(t * inv, p) for t in parts])
-    return m * _root(s, p)
+    # A window holding +-inf has an infinite norm (inf/inf would give NaN).
+    return jnp.where(jnp.isinf(m), m, m * _root(s, p))
 
 
 def _box_norm(x, p, plans):
