@@ -240,8 +240,66 @@ def _phase_pick(t, plan: AxisPlan, offset, shift_offsets: bool = False):
     return total
 
 
+def _blocked(plan) -> bool:
+    """Regular plans whose windows tile the axis (stride == kernel, no dilation or padding)."""
+    if not isinstance(plan, AxisPlan) or plan.kernel < _BLOCKED_MIN_KERNEL:
+        return False
+    tiles = plan.dilation == 1 and plan.stride == plan.kernel
+    return tiles and plan.lo == 0 and plan.hi_needed <= 0
+
+
+_BLOCKED_MIN_KERNEL = 3
+
+
+def _blocks(x, plan: AxisPlan):
+    """``x`` cropped to the windows and reshaped to ``(..., out, kernel, ...)`` along the axis."""
+    axis, k = plan.axis, plan.kernel
+    x = lax.slice_in_dim(x, 0, plan.out * k, 1, axis)
+    return x.reshape((*x.shape[:axis], plan.out, k, *x.shape[axis + 1 :]))
+
+
+def _blocked_stage(x, plan: AxisPlan):
+    """Winner along one tiling axis from two reductions over ``(..., out, kernel, ...)``.
+
+    The max, then one max over a key that ranks the taps by the tie rule: a NaN tap ``j`` ranks
+    ``k + j`` (the last NaN wins), a tap equal to the max ``k - 1 - j`` (the first wins), others
+    ``-1``. The offsets are a stored reduction result, so the tangent's transpose reads them
+    instead of recomputing the winners per input element.
+    """
+    axis, k = plan.axis + 1, plan.kernel
+    w = _blocks(x, plan)
+    value = jnp.max(w, axis=axis)
+    dtype = jnp.int16 if 2 * k < 32767 else jnp.int32
+    j = lax.broadcasted_iota(dtype, w.shape, axis)
+    key = jnp.where(
+        jnp.isnan(w),
+        j + jnp.asarray(k, dtype),
+        jnp.where(w == jnp.expand_dims(value, axis), jnp.asarray(k - 1, dtype) - j, -1),
+    )
+    key = jnp.max(key, axis=axis)
+    kk = jnp.asarray(k, dtype)
+    offset = jnp.where(key >= kk, key - kk, kk - 1 - key)
+    return value, offset.astype(offset_dtype(k))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _blocked_argmax(x, plan: AxisPlan):
+    """:func:`_blocked_stage` whose value's derivative follows the tie rule (higher orders)."""
+    return _blocked_stage(x, plan)
+
+
+@_blocked_argmax.defjvp
+def _blocked_argmax_jvp(plan, primals, tangents):
+    value, offset = _blocked_argmax(primals[0], plan)
+    no_tangent = np.zeros(offset.shape, jax.dtypes.float0)
+    pick = _pick_window(_blocks(tangents[0], plan), offset, plan.axis + 1)
+    return (value, offset), (pick, no_tangent)
+
+
 def _axis_stage(x, plan, a):
     """Winner along one axis: its value and tap offset (the tangent rule's residual)."""
+    if _blocked(plan):
+        return _blocked_argmax(x, plan)
     if _use_reduce_window(plan):
         return _argmax_stage(x, plan)
     value_taps = plan.taps(x, jnp.asarray(-jnp.inf, x.dtype), a)
@@ -251,6 +309,8 @@ def _axis_stage(x, plan, a):
 
 def _axis_pick(t, plan, a, offset, last: bool):
     """The tangent tap chosen by ``offset`` along one axis (``last``: the last spatial axis)."""
+    if _blocked(plan):
+        return _pick_window(_blocks(t, plan), offset, plan.axis + 1)
     if isinstance(plan, AxisPlan):
         return _phase_pick(t, plan, offset, shift_offsets=not last)
     return pick(t, (a,), (plan,), (offset,))
