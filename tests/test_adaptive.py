@@ -37,7 +37,10 @@ def torch_adaptive(x_cf, g_avg, g_max, output_size):
 
 
 def jax_adaptive(output_size, data_format):
-    """A jitted ``(x, g) -> (avg, avg grad, max, indices, max grad)``."""
+    """A jitted ``(x, g) -> (avg, avg grad, max, indices, max grad, max grad without indices)``.
+
+    The max without indices takes its own path (see ``select.py``), so both gradients are checked.
+    """
 
     def avg(x):
         return jaxconv.adaptive_avg_pool(x, output_size, data_format=data_format)
@@ -47,10 +50,14 @@ def jax_adaptive(output_size, data_format):
             x, output_size, return_indices=True, data_format=data_format
         )
 
+    def plain(x):
+        return jaxconv.adaptive_max_pool(x, output_size, data_format=data_format)
+
     def run(x, g):
         a, avg_vjp = jax.vjp(avg, x)
         m, max_vjp, i = jax.vjp(mx, x, has_aux=True)
-        return a, avg_vjp(g)[0], m, i, max_vjp(g)[0]
+        _, plain_vjp = jax.vjp(plain, x)
+        return a, avg_vjp(g)[0], m, i, max_vjp(g)[0], plain_vjp(g)[0]
 
     return jax.jit(run)
 
@@ -62,6 +69,7 @@ CASES = [
     ((7,), (12,), "channels_first", np.float64),
     ((24,), (6,), "channels_first", np.float32),
     ((50, 50), (7, 7), "channels_last", np.float32),
+    ((16, 13), (4, 3), "channels_last", np.float64),
     ((10, 13), (4, 20), "channels_first", np.float64),
     ((9, 8), (None, 3), "channels_last", np.float64),
     ((7, 7), (1, 1), "channels_first", np.float32),
@@ -76,12 +84,14 @@ def test_matches_torch(case):
     spatial, output_size, data_format, dtype = case
     rng = np.random.default_rng(CASES.index(case))
     x_cf = rng.integers(-3, 4, (2, 3, *spatial)).astype(dtype)  # many ties
-    x_cf[1, 2].flat[1] = np.nan
+    x_cf[1, 2].flat[1:3] = np.nan  # two NaN in one window: the last one wins
     out_spatial = tuple(s if o is None else o for s, o in zip(spatial, output_size, strict=True))
     g_cf = rng.standard_normal((2, 3, *out_spatial)).astype(dtype)
     ta, tga, tm, ti, tgm = torch_adaptive(x_cf, g_cf, g_cf, output_size)
     fn = jax_adaptive(output_size, data_format)
-    a, ga, m, i, gm = fn(jnp.asarray(to_layout(x_cf, data_format)), to_layout(g_cf, data_format))
+    a, ga, m, i, gm, gp = fn(
+        jnp.asarray(to_layout(x_cf, data_format)), to_layout(g_cf, data_format)
+    )
     chex.assert_shape([a, m, i], to_layout(np.empty((2, 3, *out_spatial)), data_format).shape)
     chex.assert_type([a, ga, m, gm], dtype)
     chex.assert_type(i, jnp.int32)
@@ -91,6 +101,7 @@ def test_matches_torch(case):
     np.testing.assert_array_equal(from_layout(m, data_format), tm)
     np.testing.assert_array_equal(from_layout(i, data_format), ti)
     np.testing.assert_allclose(from_layout(gm, data_format), tgm, rtol=tol, atol=tol)
+    np.testing.assert_allclose(from_layout(gp, data_format), tgm, rtol=tol, atol=tol)
 
 
 def test_batch_axes_any_number():
@@ -149,7 +160,13 @@ def test_program_size_does_not_grow_with_output(op, size, small, large):
     assert many[1] < 2 * few[1], (few, many)
 
 
-GRAD_CASES = [("avg", (12, 7), 1), ("max", (4, 3), 2), ("max", (12, 7), 1), ("max", (1, None), 1)]
+GRAD_CASES = [
+    ("avg", (12, 7), 1),
+    ("max", (4, 3), 2),
+    ("max", (12, 7), 1),
+    ("max", (1, None), 1),
+    ("max", (1, 1), 2),
+]
 
 
 @pytest.mark.parametrize(("op", "size", "order"), GRAD_CASES, ids=str)

@@ -248,7 +248,7 @@ def _blocked(plan) -> bool:
     return tiles and plan.lo == 0 and plan.hi_needed <= 0
 
 
-_BLOCKED_MIN_KERNEL = 3
+_BLOCKED_MIN_KERNEL = 4
 
 
 def _blocks(x, plan: AxisPlan):
