@@ -249,8 +249,10 @@ def ref_max(xt, wins, outs):
 
 def ref_lp(xt, p, wins, outs):
     """The true p-norm of every window (padding contributes nothing); p = inf: max |x|."""
-    if isinstance(p, float) and math.isinf(p):
-        return reduce_windows(xt, wins, outs, lambda v, _: v.abs().amax(-1))
+    if isinstance(p, float) and math.isinf(p):  # a window of padding only has norm 0
+        return reduce_windows(
+            xt, wins, outs, lambda v, idx: v.abs().amax(-1) if idx else v.new_zeros(v.shape[:2])
+        )
     return reduce_windows(xt, wins, outs, lambda v, _: (v.abs() ** p).sum(-1) ** (1.0 / p))
 
 
