@@ -254,6 +254,17 @@ def test_forward_mode_is_not_supported():
         jax.jvp(_lp(2.0, (2, 2)), (x,), (x,))
 
 
+def test_hessian_is_forward_over_reverse_and_equals_reverse_over_reverse():
+    x = jnp.asarray(np.random.default_rng(12).uniform(0.5, 2.0, (1, 4, 5, 2)), jnp.float64)
+
+    def loss(x):
+        return jnp.sum(jnp.sin(jaxconv.lp_pool(x, 3.0, (2, 3), 1, 1)))
+
+    h = jax.jit(jax.hessian(loss))(x)
+    np.testing.assert_allclose(h, jax.jit(jax.jacrev(jax.jacrev(loss)))(x), rtol=1e-10)
+    assert np.isfinite(np.asarray(h)).all()
+
+
 @pytest.mark.parametrize(
     ("p", "error", "match"),
     [

@@ -281,9 +281,9 @@ def lp_pool(
       float32.
 
     Transformations: ``jit``, ``vmap``, ``grad``/``vjp`` with respect to ``x`` and a traced
-    ``p``, and reverse-over-reverse (``grad`` of ``grad``, ``jacrev`` of ``jacrev``). Not
-    forward mode: the derivative is a ``jax.custom_vjp``, so ``jvp``, ``jacfwd`` and
-    ``jax.hessian`` raise.
+    ``p``, reverse-over-reverse (``grad`` of ``grad``, ``jacrev`` of ``jacrev``) and
+    ``jax.hessian`` (forward over reverse). Not forward mode of the op itself: the derivative is
+    a ``jax.custom_vjp``, so ``jvp`` and ``jacfwd`` raise.
 
     Example:
       >>> x = jnp.array([[3.0, 4.0], [0.0, 0.0]]).reshape(1, 2, 2, 1)

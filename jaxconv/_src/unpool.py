@@ -148,8 +148,11 @@ def max_unpool(
       ``x.shape`` with the spatial sizes replaced by the output size, dtype ``x.dtype``.
 
     Transformations: ``jit``, ``vmap``, ``grad``/``vjp`` and ``jvp`` with respect to ``x``
-    (the op is linear in ``x``: a gather; its gradient gathers the cotangent at ``indices``),
-    and higher orders (zero). ``indices`` are integers and carry no derivative.
+    (the op is linear in ``x``: a gather), and higher orders (zero). ``indices`` are integers
+    and carry no derivative. The gradient is the true derivative of the result: the cotangent
+    gathered at ``indices``, except that an input which lost its output position to a later
+    duplicate (overlapping windows) gets 0. PyTorch gives every duplicate the gathered
+    cotangent, although only the last one reaches the output.
 
     Example:
       >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
