@@ -42,9 +42,15 @@ def jax_fractional(window, output_size, data_format):
             data_format=data_format,
         )
 
+    def plain(x, u):
+        return jaxconv.fractional_max_pool(
+            x, window, output_size=output_size, samples=u, data_format=data_format
+        )
+
     def run(x, u, g):
         y, vjp, i = jax.vjp(lambda v: pool(v, u), x, has_aux=True)
-        return y, i, vjp(g)[0]
+        _, plain_vjp = jax.vjp(lambda v: plain(v, u), x)  # its own path, without indices
+        return y, i, vjp(g)[0], plain_vjp(g)[0]
 
     return jax.jit(run)
 
@@ -56,6 +62,7 @@ CASES = [
     ((13, 7), (3, 2), (11, 6), "channels_first", np.float64),
     ((8, 11), (1, 3), (1, 4), "channels_last", np.float64),
     ((25, 31), (2, 3), (12, 14), "channels_first", np.float32),
+    ((16, 12), (2, 2), (8, 6), "channels_last", np.float32),  # ratio 0.5: integer alpha
     ((6, 6), (3, 3), (1, 1), "channels_last", np.float32),
     ((7, 8, 9), (2, 2, 2), (5, 4, 7), "channels_first", np.float32),
     ((9, 6, 10), (3, 1, 2), (3, 5, 8), "channels_last", np.float64),
@@ -68,7 +75,7 @@ def test_matches_torch(case):
     n = len(spatial)
     rng = np.random.default_rng(CASES.index(case))
     x_cf = rng.integers(-4, 5, (2, 3, *spatial)).astype(dtype)  # ties
-    x_cf[1, 0].flat[2] = np.nan
+    x_cf[1, 0].flat[2:4] = np.nan  # two NaN in a window: the last one wins
     u = rng.random((2, 3, n)).astype(dtype)
     g_cf = rng.standard_normal((2, 3, *output_size)).astype(dtype)
     tx = torch.tensor(x_cf, requires_grad=True)
@@ -81,13 +88,14 @@ def test_matches_torch(case):
     )
     (tg,) = torch.autograd.grad(ty, tx, torch.tensor(g_cf))
     fn = jax_fractional(window, output_size, data_format)
-    y, i, g = fn(jnp.asarray(to_layout(x_cf, data_format)), u, to_layout(g_cf, data_format))
+    y, i, g, gp = fn(jnp.asarray(to_layout(x_cf, data_format)), u, to_layout(g_cf, data_format))
     chex.assert_type([y, g], dtype)
     chex.assert_type(i, jnp.int32)
     chex.assert_equal_shape([y, i])
     np.testing.assert_array_equal(from_layout(y, data_format), ty.detach().numpy())
     np.testing.assert_array_equal(from_layout(i, data_format), ti.numpy())
     np.testing.assert_allclose(from_layout(g, data_format), tg.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(from_layout(gp, data_format), tg.numpy(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

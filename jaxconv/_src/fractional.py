@@ -44,7 +44,8 @@ from jaxconv._src.args import (
     per_axis,
     spatial_rank,
 )
-from jaxconv._src.select import max_and_index, max_reduce
+from jaxconv._src.select import max_and_index, max_reduce, phase_pick
+from jaxconv._src.window import AxisPlan, along
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ class FractionalPlan:
     size: int
     kernel: int
     out: int
+    step: int | None = None
 
     def _spread(self, v, ndim):
         """A 1-D per-output array shaped to broadcast along ``axis``; others pass through."""
@@ -99,6 +101,24 @@ class FractionalPlan:
             index = start + lax.broadcasted_iota(jnp.int32, tuple(shape), ax + 1)
             w = _take(x, index.reshape(*index.shape[:ax], -1, *index.shape[ax + 2 :]), ax)
         return w.reshape(*w.shape[:ax], self.out, k, *w.shape[ax + 1 :])
+
+    def pick(self, t, aux, offset) -> jax.Array | None:
+        """The tap of ``t`` chosen by ``offset`` for PyTorch's starts with an integer ``alpha``.
+
+        ``step`` is that ``alpha``. Start ``i`` then lies in ``[(i - 1)*step, (i + 1)*step]``
+        (each of its two truncated products is an integer multiple of ``step`` rounded by less
+        than one ``step``), so the chosen input lies in a band of ``2*step + kernel`` positions
+        from ``(i - 1)*step``: a regular window with stride ``step``, whose phase pick transposes
+        to pads and adds instead of the gathers' scatter. None for other windows.
+        """
+        start, length = aux
+        if self.step is None or length is not None or jnp.finfo(t.dtype).bits < 32:
+            return None
+        a = self.step
+        band = AxisPlan(self.axis, self.size, 2 * a + self.kernel, a, 1, a, 0, self.out)
+        lo = along(np.arange(self.out, dtype=np.int32) * a - a, self.axis, offset.ndim)
+        rel = self._spread(start, offset.ndim) + offset.astype(jnp.int32) - jnp.asarray(lo)
+        return phase_pick(t, band, rel.astype(jnp.int16))
 
     def valid(self, ndim: int) -> list[None]:
         return [None] * self.kernel
@@ -395,7 +415,8 @@ def fractional_max_pool(
     for i, (axis, size, k, out) in enumerate(rows):
         start = torch_starts(u[..., i], size, out, k)
         aux.append((_spread_starts(start, i, n, data_format == "channels_last"), None))
-        plans.append(FractionalPlan(axis, size, k, out))
+        step = (size - k) // (out - 1) if out > 1 and (size - k) % (out - 1) == 0 else None
+        plans.append(FractionalPlan(axis, size, k, out, step if size < 2**24 else None))
     return pool(x, tuple(plans), tuple(aux), return_indices)
 
 

@@ -100,6 +100,11 @@ def _pick_window(w, offset, axis):
 def pick(t, aux, plans, stages):
     """The tangent taps chosen by ``stages``; linear in ``t``."""
     for plan, a, offset in zip(reversed(plans), reversed(aux), stages, strict=True):
+        own = getattr(plan, "pick", None)
+        chosen = None if own is None else own(t, a, offset)
+        if chosen is not None:
+            t = chosen
+            continue
         window = getattr(plan, "window", None)
         w = None if window is None else window(t, a)
         if w is not None:
@@ -198,10 +203,10 @@ def _argmax_stage(x, plan: AxisPlan):
 def _argmax_stage_jvp(plan, primals, tangents):
     value, offset = _argmax_stage(primals[0], plan)
     no_tangent = np.zeros(offset.shape, jax.dtypes.float0)
-    return (value, offset), (_phase_pick(tangents[0], plan, offset), no_tangent)
+    return (value, offset), (phase_pick(tangents[0], plan, offset), no_tangent)
 
 
-def _phase_pick(t, plan: AxisPlan, offset, shift_offsets: bool = False):
+def phase_pick(t, plan: AxisPlan, offset, shift_offsets: bool = False):
     """The tap of ``t`` chosen by ``offset`` along a regular plan's axis; linear in ``t``.
 
     ``t`` is padded and reshaped to ``(blocks, stride)`` along the axis, so tap ``j`` (padded
@@ -249,6 +254,7 @@ def _blocked(plan) -> bool:
 
 
 _BLOCKED_MIN_KERNEL = 4
+_STACK_OWN = True
 
 
 def _blocks(x, plan: AxisPlan):
@@ -258,48 +264,55 @@ def _blocks(x, plan: AxisPlan):
     return x.reshape((*x.shape[:axis], plan.out, k, *x.shape[axis + 1 :]))
 
 
-def _blocked_stage(x, plan: AxisPlan):
-    """Winner along one tiling axis from two reductions over ``(..., out, kernel, ...)``.
+def _stack(x, plan, a):
+    """The taps stacked after the plan's axis: tiling blocks, or the plan's own ``window``."""
+    return _blocks(x, plan) if _blocked(plan) else plan.window(x, a)
 
-    The max, then one max over a key that ranks the taps by the tie rule: a NaN tap ``j`` ranks
+
+def _stacked_stage(w, axis: int, k: int):
+    """Winner along the window axis ``axis`` of stacked taps ``w``, from two reductions.
+
+    The max of the non-NaN taps (XLA's CPU max reduction may drop a NaN), then one max over a
+    key that ranks the taps by the tie rule: a NaN tap ``j`` ranks
     ``k + j`` (the last NaN wins), a tap equal to the max ``k - 1 - j`` (the first wins), others
     ``-1``. The offsets are a stored reduction result, so the tangent's transpose reads them
     instead of recomputing the winners per input element.
     """
-    axis, k = plan.axis + 1, plan.kernel
-    w = _blocks(x, plan)
-    value = jnp.max(w, axis=axis)
+    nan = jnp.isnan(w)
+    value = jnp.max(jnp.where(nan, jnp.asarray(-jnp.inf, w.dtype), w), axis=axis)
     dtype = jnp.int16 if 2 * k < 32767 else jnp.int32
     j = lax.broadcasted_iota(dtype, w.shape, axis)
     key = jnp.where(
-        jnp.isnan(w),
+        nan,
         j + jnp.asarray(k, dtype),
         jnp.where(w == jnp.expand_dims(value, axis), jnp.asarray(k - 1, dtype) - j, -1),
     )
     key = jnp.max(key, axis=axis)
     kk = jnp.asarray(k, dtype)
     offset = jnp.where(key >= kk, key - kk, kk - 1 - key)
+    value = jnp.where(key >= kk, jnp.asarray(jnp.nan, w.dtype), value)
     return value, offset.astype(offset_dtype(k))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _blocked_argmax(x, plan: AxisPlan):
-    """:func:`_blocked_stage` whose value's derivative follows the tie rule (higher orders)."""
-    return _blocked_stage(x, plan)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _stacked_argmax(x, a, plan):
+    """:func:`_stacked_stage` whose value's derivative follows the tie rule (higher orders)."""
+    return _stacked_stage(_stack(x, plan, a), plan.axis + 1, plan.kernel)
 
 
-@_blocked_argmax.defjvp
-def _blocked_argmax_jvp(plan, primals, tangents):
-    value, offset = _blocked_argmax(primals[0], plan)
+@_stacked_argmax.defjvp
+def _stacked_argmax_jvp(plan, primals, tangents):
+    x, a = primals
+    value, offset = _stacked_argmax(x, a, plan)
     no_tangent = np.zeros(offset.shape, jax.dtypes.float0)
-    pick = _pick_window(_blocks(tangents[0], plan), offset, plan.axis + 1)
+    pick = _pick_window(_stack(tangents[0], plan, a), offset, plan.axis + 1)
     return (value, offset), (pick, no_tangent)
 
 
 def _axis_stage(x, plan, a):
     """Winner along one axis: its value and tap offset (the tangent rule's residual)."""
-    if _blocked(plan):
-        return _blocked_argmax(x, plan)
+    if _blocked(plan) or (_STACK_OWN and getattr(plan, "window", None) is not None):
+        return _stacked_argmax(x, a, plan)
     if _use_reduce_window(plan):
         return _argmax_stage(x, plan)
     value_taps = plan.taps(x, jnp.asarray(-jnp.inf, x.dtype), a)
@@ -312,7 +325,7 @@ def _axis_pick(t, plan, a, offset, last: bool):
     if _blocked(plan):
         return _pick_window(_blocks(t, plan), offset, plan.axis + 1)
     if isinstance(plan, AxisPlan):
-        return _phase_pick(t, plan, offset, shift_offsets=not last)
+        return phase_pick(t, plan, offset, shift_offsets=not last)
     return pick(t, (a,), (plan,), (offset,))
 
 
@@ -396,7 +409,7 @@ def _flat_argmax_jvp(plans, sizes, primals, tangents):
     value, index, stages = _flat_argmax(primals[0], plans, sizes)
     t = tangents[0]
     for plan, offset in zip(reversed(plans), stages, strict=True):
-        t = _phase_pick(t, plan, offset, shift_offsets=plan is not plans[-1])
+        t = phase_pick(t, plan, offset, shift_offsets=plan is not plans[-1])
     no_tangent = [np.zeros(v.shape, jax.dtypes.float0) for v in (index, *stages)]
     return (value, index, stages), (t, no_tangent[0], no_tangent[1:])
 
