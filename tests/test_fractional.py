@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import jaxconv
-from jaxconv._src.fractional import graham_bounds
+from jaxconv._src.fractional import graham_bounds, torch_starts
 
 TORCH_FRACTIONAL = {2: F.fractional_max_pool2d, 3: F.fractional_max_pool3d}
 
@@ -332,3 +332,16 @@ GRAHAM_BAD = [
 def test_graham_bad_arguments(kwargs, error, arg):
     with pytest.raises(error, match=rf"^fractional_max_pool_graham: .*{arg}"):
         jaxconv.fractional_max_pool_graham(X, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_integer_alpha_starts_stay_in_the_band(dtype):
+    """With ``alpha = (in - k)/(out - 1) = A`` an integer, start ``i`` is in ``[(i-1)A, (i+1)A]``,
+    the band the tangent pick relies on; samples include the largest value below 1."""
+    rng = np.random.default_rng(9)
+    top = np.nextafter(dtype(1), dtype(0))
+    u = np.concatenate([[0, 0.5, top, np.nextafter(top, dtype(0))], rng.random(500)]).astype(dtype)
+    for a, k, out in [(1, 2, 40), (2, 2, 28), (2, 3, 300), (3, 2, 17), (5, 4, 1000)]:
+        start = np.asarray(torch_starts(jnp.asarray(u), (out - 1) * a + k, out, k))
+        rel = start - (np.arange(out) - 1) * a
+        assert rel.min() >= 0 and rel.max() <= 2 * a, (a, k, out)
