@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import jaxconv
-from jaxconv._src.fractional import graham_bounds, torch_starts
+from jaxconv._src.fractional import torch_starts
+from jaxconv._src.graham import graham_bounds
 
 TORCH_FRACTIONAL = {2: F.fractional_max_pool2d, 3: F.fractional_max_pool3d}
 
