@@ -1,5 +1,6 @@
 """max_pool against PyTorch's max_pool{1,2,3}d and a numpy reference written from the definition."""
 
+import functools
 import itertools
 
 import chex
@@ -403,3 +404,18 @@ def test_bad_arguments(kwargs, error, match):
 def test_non_float_input_raises():
     with pytest.raises(TypeError, match="max_pool: `x` must be a floating"):
         jaxconv.max_pool(jnp.zeros((1, 4, 4, 2), jnp.int32), (2, 2))
+
+
+def test_window_of_padding_only_gives_minus_inf_index_minus_one_and_zero_gradient():
+    # Length 1, k=2, d=2, padding 1: the window reads positions -1 and 1, both padding.
+    x = jnp.asarray([[[1.0], [2.0]]]).reshape(1, 2, 1, 1)  # H=2, W=1, channels_last
+    pool = functools.partial(
+        jaxconv.max_pool, window=(1, 2), padding=(0, 1), dilation=(1, 2), return_indices=True
+    )
+    values, index = jax.jit(pool)(x)
+    np.testing.assert_array_equal(values, np.full((1, 2, 1, 1), -np.inf, np.float32))
+    np.testing.assert_array_equal(index, np.full((1, 2, 1, 1), -1, np.int32))
+    grad = jax.grad(lambda x: jnp.sum(jnp.where(jnp.isinf(pool(x)[0]), 0.0, pool(x)[0])))(x)
+    np.testing.assert_array_equal(grad, np.zeros_like(x))
+    unpooled = jaxconv.max_unpool(values, index, (1, 2), padding=(0, 1), output_size=(2, 1))
+    np.testing.assert_array_equal(unpooled, np.zeros((1, 2, 1, 1), np.float32))

@@ -38,14 +38,17 @@ vary by 2-5x between runs, the ratios less): (32, 56, 56, 64) 3x3 s2 p1 forward+
 2x2 s2 forward+backward 14 (flax 229, PyTorch channels_last 82).
 """
 
+import functools
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating
 from jaxconv._src.select import max_and_index, max_reduce
-from jaxconv._src.window import window_spec
+from jaxconv._src.window import tap_valid, window_spec
 
 _FNAME = "max_pool"
 _INT32_MAX = 2**31 - 1
@@ -70,8 +73,10 @@ def max_pool(
 
     Padding: jaxconv accepts up to half the *dilated* span ``d*(k-1)+1`` on each side, where
     PyTorch accepts at most half the kernel ``k``. The wider rule is what "SAME" padding needs
-    with dilation (e.g. ``k=3, d=2`` pads 2 per side), and every window still reads at least
-    one input element whenever the window fits the input.
+    with dilation (e.g. ``k=3, d=2`` pads 2 per side). With dilation a window can still read
+    padding only (e.g. an input of length 1, ``k=2, d=2``, padding 1, under either rule): its
+    value is ``-inf``, its gradient 0 and its index -1, which :func:`jaxconv.max_unpool` drops
+    (PyTorch returns an index outside the input there).
 
     Args:
       x: ``(*batch, *spatial, C)`` for channels_last or ``(*batch, C, *spatial)`` for
@@ -118,4 +123,16 @@ def max_pool(
             f"{_FNAME}: `return_indices=True` needs a spatial volume of at most {_INT32_MAX} "
             f"elements (int32 indices), got spatial sizes {sizes}."
         )
-    return max_and_index(x, aux, spec.plans, sizes)
+    values, index = max_and_index(x, aux, spec.plans, sizes)
+    return values, _mark_padding_only(index, spec.plans)
+
+
+def _mark_padding_only(index: jax.Array, plans) -> jax.Array:
+    """Index -1 where a window reads padding only (a static pattern of the window geometry)."""
+    empty = np.zeros((1,) * index.ndim, bool)
+    for plan in plans:
+        masks = tap_valid(plan, index.ndim)
+        if any(m is None for m in masks):  # a tap that always reads input
+            continue
+        empty = empty | ~functools.reduce(np.logical_or, masks)
+    return jnp.where(empty, -1, index) if empty.any() else index
