@@ -13,7 +13,8 @@ Every draw of a fuzz test ends in one of three outcomes, or is a disagreement:
 ``JAXCONV_FUZZ_EXAMPLES`` sets the draws per op (30 by default, derandomized). From 1000 draws on,
 the run counts disagreements instead of stopping at the first one, and every test writes its tally
 to ``JAXCONV_FUZZ_REPORT`` (a folder) if set; ``python tests/fuzz_support.py FOLDER`` prints one
-line per op and a total.
+line per op and a total. ``JAXCONV_FUZZ_TRACE`` (a file) records every draw before it runs, so
+that a draw that kills the process (an XLA check failure) can be found.
 """
 
 import dataclasses
@@ -29,6 +30,7 @@ import numpy as np
 EXAMPLES = int(os.environ.get("JAXCONV_FUZZ_EXAMPLES", "30"))
 COUNT_MODE = EXAMPLES >= 1000 or os.environ.get("JAXCONV_FUZZ_COUNT") == "1"
 REPORT_DIR = os.environ.get("JAXCONV_FUZZ_REPORT")
+TRACE_FILE = os.environ.get("JAXCONV_FUZZ_TRACE")
 OUTCOMES = ("agree", "reject", "reference")
 
 
@@ -73,6 +75,9 @@ def run_fuzz(op: str, strategy, check) -> Tally:
     )
     @given(strategy)
     def body(case):
+        if TRACE_FILE:  # the last line names the draw that was running if the process dies
+            with open(TRACE_FILE, "a") as f:
+                f.write(f"{case!r}\n")
         try:
             outcome = check(case)
         except UnsatisfiedAssumption:

@@ -6,6 +6,8 @@ constant window) and is computed in float64. Every op runs under ``jax.jit``.
 """
 
 import math
+import subprocess
+import sys
 
 import chex
 import jax
@@ -331,3 +333,22 @@ def test_lp_p1_is_window_size_times_avg_on_nonnegative_input():
     lp = jax.jit(lambda x: op("lp_pool")(x, 1.0, (2, 3)))(x)
     avg = jax.jit(lambda x: op("avg_pool")(x, (2, 3)))(x)
     np.testing.assert_allclose(np.asarray(lp), 6 * np.asarray(avg), rtol=1e-12)
+
+
+# --- crashes ------------------------------------------------------------------------------------
+
+CRASH_REPRO = """
+import jax, jax.numpy as jnp, jaxconv
+y, w = jnp.ones((5, 2, 1)), jnp.ones((2, 3, 2, 1))
+out = jax.jit(lambda y, w: jaxconv.conv_transpose(y, w, stride=2, padding=1))(y, w)
+assert out.shape == (8, 3, 2), out.shape
+"""
+
+
+def test_conv_transpose_short_axis_does_not_crash():
+    """A kernel longer than a short stride-dilated axis once aborted XLA's compiler; run in a
+    subprocess so that a crash fails this test instead of killing the test session."""
+    result = subprocess.run(
+        [sys.executable, "-c", CRASH_REPRO], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
