@@ -215,7 +215,7 @@ def write_markdown(report: dict, path: str) -> None:
         f.write(markdown(report))
 
 
-def _chart_panel(ax, cases: list[dict], peers: list[str], title: str) -> None:
+def _chart_panel(ax, cases: list[dict], peers: list[str], title: str, rows: int) -> None:
     """One panel: a group of horizontal bars (one per peer) for every case."""
     bar = 0.8 / max(len(peers), 1)
     for j, peer in enumerate(peers):
@@ -225,7 +225,7 @@ def _chart_panel(ax, cases: list[dict], peers: list[str], title: str) -> None:
     ax.set_yticks([i + 0.4 - bar / 2 for i in range(len(cases))])
     labels = [c["name"].replace(f" {c['case']['dtype']}", "") for c in cases]
     ax.set_yticklabels(labels, fontsize=7)
-    ax.set_ylim(len(cases), -0.2)
+    ax.set_ylim(max(rows, len(cases)), -0.2)  # the same bar size in every panel
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
     ax.set_xlabel("jaxconv time / peer time (log; < 1: jaxconv faster)")
@@ -249,7 +249,7 @@ def write_chart(report: dict, path: str) -> None:
         1, len(dtypes), figsize=(8 * len(dtypes), height), squeeze=False, sharex=True
     )
     for ax, dtype in zip(axes[0], dtypes, strict=True):
-        _chart_panel(ax, [c for c in cases if c["case"]["dtype"] == dtype], peers, dtype)
+        _chart_panel(ax, [c for c in cases if c["case"]["dtype"] == dtype], peers, dtype, rows)
     ratios = [r for c in cases for r in c["ratios"].values() if r > 0]
     axes[0][0].set_xlim(min([0.5, *ratios]) / 1.3, max([2.0, *ratios]) * 1.3)
     machine = report["machine"]
