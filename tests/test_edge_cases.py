@@ -345,6 +345,11 @@ assert out.shape == (8, 3, 2), out.shape
 """
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue7-F10: conv_transpose(ones((5, 2, 1)), ones((2, 3, 2, 1)), stride=2, padding=1) "
+    "aborts XLA (algebraic_simplifier check failure)",
+)
 def test_conv_transpose_short_axis_does_not_crash():
     """A kernel longer than a short stride-dilated axis once aborted XLA's compiler; run in a
     subprocess so that a crash fails this test instead of killing the test session."""
