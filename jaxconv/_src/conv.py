@@ -260,6 +260,11 @@ def conv(
     stride, dilation, pads = _conv_geometry(fname, lay, stride, padding, dilation)
     xb = _one_batch_axis(x, lay.batch_shape)
     xb, pads = _pad_mode(fname, xb, lay, pads, padding_mode)
+    # The gradient of a strided convolution is a base-dilated one over the output's cotangent,
+    # which XLA's CPU compiler aborts on when that output is shorter than the kernel: such axes
+    # get trailing zeros, whose extra outputs are cropped off again.
+    extra = _short_outputs(xb.shape, lay, stride, pads, dilation)
+    xb = _resize_high(xb, lay.spatial_axes, [e * s for e, s in zip(extra, stride, strict=True)])
     out = lax.conv_general_dilated(
         xb,
         w,
@@ -269,6 +274,7 @@ def conv(
         dimension_numbers=lay.dimension_numbers(),
         feature_group_count=groups,
     )
+    out = _resize_high(out, lay.spatial_axes, [-e for e in extra])
     out = _add_bias(out, bias, lay.channel_axis)
     return _restore_batch(out, lay.batch_shape)
 
@@ -396,6 +402,12 @@ def conv_transpose(
     output_padding = per_axis(fname, "output_padding", output_padding, lay.n, minimum=0)
     tpads = _transpose_geometry(fname, lay, padding, stride, dilation, output_padding)
     yb = _one_batch_axis(y, lay.batch_shape)
+    # XLA's CPU compiler aborts on a base-dilated convolution whose input is shorter than the
+    # kernel on some axis; such axes get trailing zeros (whose outputs are cropped off again).
+    extra = [
+        max(0, d * (k - 1) + 1 - i) for i, k, d in zip(lay.sizes, lay.kernel, dilation, strict=True)
+    ]
+    yb = _resize_high(yb, lay.spatial_axes, extra)
     out = lax.conv_general_dilated(
         yb,
         _transpose_kernel(w, lay, groups),
@@ -406,5 +418,27 @@ def conv_transpose(
         dimension_numbers=lay.dimension_numbers(transpose=True),
         feature_group_count=groups,
     )
+    out = _resize_high(out, lay.spatial_axes, [-e * s for e, s in zip(extra, stride, strict=True)])
     out = _add_bias(out, bias, lay.channel_axis)
     return _restore_batch(out, lay.batch_shape)
+
+
+def _short_outputs(shape, lay: _Layout, stride, pads, dilation) -> list[int]:
+    """Per axis, how many outputs a strided convolution lacks to be as long as its kernel."""
+    extra = []
+    for a, k, s, (lo, hi), d in zip(
+        lay.spatial_axes, lay.kernel, stride, pads, dilation, strict=True
+    ):
+        out = (shape[a] + lo + hi - d * (k - 1) - 1) // s + 1
+        extra.append(max(0, d * (k - 1) + 1 - out) if s > 1 else 0)
+    return extra
+
+
+def _resize_high(x, axes, amounts):
+    """Zero-pad (positive amounts) or crop (negative) ``x`` at the high end of ``axes``."""
+    if not any(amounts):
+        return x
+    config = [(0, 0, 0)] * x.ndim
+    for axis, amount in zip(axes, amounts, strict=True):
+        config[axis] = (0, amount, 0)
+    return lax.pad(x, jnp.zeros((), x.dtype), config)
