@@ -305,10 +305,11 @@ def test_bad_input_eager(name, arg, args, kwargs, traced):
     _check_error(_run(name, args, kwargs, traced, jit=False), name, arg)
 
 
-@pytest.mark.parametrize(("name", "arg", "args", "kwargs", "traced"), CASES)
+@pytest.mark.parametrize(
+    ("name", "arg", "args", "kwargs", "traced"), [c for c in CASES if c.values[4] != (0, ())]
+)
 def test_bad_input_at_trace_time(name, arg, args, kwargs, traced):
-    if traced == (0, ()):
-        pytest.skip("takes no arrays")
+    """The same errors under jax.jit (cases with no array argument cannot be traced)."""
     _check_error(_run(name, args, kwargs, traced, jit=True), name, arg)
 
 
