@@ -425,12 +425,14 @@ def conv_transpose(
 
 def _short_outputs(shape, lay: _Layout, stride, pads, dilation) -> list[int]:
     """Per axis, how many outputs a strided convolution lacks to be as long as its kernel."""
+    if all(s == 1 for s in stride):
+        return [0] * len(stride)
     extra = []
     for a, k, s, (lo, hi), d in zip(
         lay.spatial_axes, lay.kernel, stride, pads, dilation, strict=True
     ):
         out = (shape[a] + lo + hi - d * (k - 1) - 1) // s + 1
-        extra.append(max(0, d * (k - 1) + 1 - out) if s > 1 else 0)
+        extra.append(max(0, d * (k - 1) + 1 - out))
     return extra
 
 
