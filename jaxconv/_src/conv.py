@@ -260,11 +260,8 @@ def conv(
     stride, dilation, pads = _conv_geometry(fname, lay, stride, padding, dilation)
     xb = _one_batch_axis(x, lay.batch_shape)
     xb, pads = _pad_mode(fname, xb, lay, pads, padding_mode)
-    # The gradient of a strided convolution is a base-dilated one over the output's cotangent,
-    # which XLA's CPU compiler aborts on when that output is shorter than the kernel: such axes
-    # get trailing zeros, whose extra outputs are cropped off again.
-    extra = _short_outputs(xb.shape, lay, stride, pads, dilation)
-    xb = _resize_high(xb, lay.spatial_axes, [e * s for e, s in zip(extra, stride, strict=True)])
+    # Padding that XLA's CPU compiler would mishandle in the gradient is applied explicitly.
+    xb, pads = _pad_explicitly(xb, lay, stride, pads, dilation)
     out = lax.conv_general_dilated(
         xb,
         w,
@@ -274,7 +271,6 @@ def conv(
         dimension_numbers=lay.dimension_numbers(),
         feature_group_count=groups,
     )
-    out = _resize_high(out, lay.spatial_axes, [-e for e in extra])
     out = _add_bias(out, bias, lay.channel_axis)
     return _restore_batch(out, lay.batch_shape)
 
@@ -402,12 +398,7 @@ def conv_transpose(
     output_padding = per_axis(fname, "output_padding", output_padding, lay.n, minimum=0)
     tpads = _transpose_geometry(fname, lay, padding, stride, dilation, output_padding)
     yb = _one_batch_axis(y, lay.batch_shape)
-    # XLA's CPU compiler aborts on a base-dilated convolution whose input is shorter than the
-    # kernel on some axis; such axes get trailing zeros (whose outputs are cropped off again).
-    extra = [
-        max(0, d * (k - 1) + 1 - i) for i, k, d in zip(lay.sizes, lay.kernel, dilation, strict=True)
-    ]
-    yb = _resize_high(yb, lay.spatial_axes, extra)
+    tpads, crop = _avoid_group_window(tpads, lay, stride, dilation)
     out = lax.conv_general_dilated(
         yb,
         _transpose_kernel(w, lay, groups),
@@ -418,29 +409,53 @@ def conv_transpose(
         dimension_numbers=lay.dimension_numbers(transpose=True),
         feature_group_count=groups,
     )
-    out = _resize_high(out, lay.spatial_axes, [-e * s for e, s in zip(extra, stride, strict=True)])
+    out = _crop_low(out, lay.spatial_axes, crop)
     out = _add_bias(out, bias, lay.channel_axis)
     return _restore_batch(out, lay.batch_shape)
 
 
-def _short_outputs(shape, lay: _Layout, stride, pads, dilation) -> list[int]:
-    """Per axis, how many outputs a strided convolution lacks to be as long as its kernel."""
-    if all(s == 1 for s in stride):
-        return [0] * len(stride)
-    extra = []
-    for a, k, s, (lo, hi), d in zip(
-        lay.spatial_axes, lay.kernel, stride, pads, dilation, strict=True
-    ):
-        out = (shape[a] + lo + hi - d * (k - 1) - 1) // s + 1
-        extra.append(max(0, d * (k - 1) + 1 - out))
-    return extra
+# XLA's CPU compiler (its convolution operand swap) reads an axis of a base-dilated convolution
+# with window 2, base dilation 2, stride 1, no padding and no window dilation as a "group" axis,
+# and aborts ("Window dimensions do not match RHS shape") when it also swaps the operands because
+# the other axes' input is smaller than their kernel. Such a window arises on an axis with kernel
+# 2, stride 2 and dilation 1: in ``conv_transpose`` when its adjoint padding is 0 on both sides,
+# and in the gradient of ``conv`` when the low padding is 1. Padding those axes differently keeps
+# every convolution XLA sees out of that pattern; nothing changes on other axes.
 
 
-def _resize_high(x, axes, amounts):
-    """Zero-pad (positive amounts) or crop (negative) ``x`` at the high end of ``axes``."""
+def _group_window_axes(stride, dilation, kernel) -> list[bool]:
+    """Axes whose lhs-dilated convolution can take the form XLA mistakes for a group axis."""
+    return [k == 2 and s == 2 and d == 1 for k, s, d in zip(kernel, stride, dilation, strict=True)]
+
+
+def _pad_explicitly(x, lay: _Layout, stride, pads, dilation):
+    """``x`` padded explicitly by 1 on axes whose gradient would have the group-axis form
+    (kernel 2, stride 2, low padding 1); the convolution then has low padding 0 there. XLA folds
+    the explicit padding into the forward convolution again."""
+    risky = _group_window_axes(stride, dilation, lay.kernel)
+    low = [int(r and lo == 1) for r, (lo, _) in zip(risky, pads, strict=True)]
+    if not any(low):
+        return x, pads
+    config = [(0, 0, 0)] * x.ndim
+    for axis, amount in zip(lay.spatial_axes, low, strict=True):
+        config[axis] = (amount, 0, 0)
+    x = lax.pad(x, jnp.zeros((), x.dtype), config)
+    return x, tuple((lo - a, hi) for a, (lo, hi) in zip(low, pads, strict=True))
+
+
+def _avoid_group_window(tpads, lay: _Layout, stride, dilation):
+    """One more output on the low side of axes whose adjoint convolution would have the
+    group-axis form (kernel 2, stride 2, padding 0 on both sides); it is cropped off again."""
+    risky = _group_window_axes(stride, dilation, lay.kernel)
+    crop = [int(r and tuple(p) == (0, 0)) for r, p in zip(risky, tpads, strict=True)]
+    return tuple((lo + c, hi) for c, (lo, hi) in zip(crop, tpads, strict=True)), crop
+
+
+def _crop_low(x, axes, amounts):
+    """``x`` without the first ``amounts`` entries of ``axes``."""
     if not any(amounts):
         return x
-    config = [(0, 0, 0)] * x.ndim
+    start = [0] * x.ndim
     for axis, amount in zip(axes, amounts, strict=True):
-        config[axis] = (0, amount, 0)
-    return lax.pad(x, jnp.zeros((), x.dtype), config)
+        start[axis] = amount
+    return lax.slice(x, start, x.shape)
