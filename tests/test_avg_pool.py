@@ -69,6 +69,9 @@ TORCH_CASES = [
     (2, (3, 3), (2, 2), 1, False, True, 5, "channels_first"),
     (2, (4, 3), (3, 2), (2, 1), True, False, 7, "channels_last"),
     (2, (1, 1), (2, 2), 0, True, True, None, "channels_first"),
+    (2, (4, 3), None, 0, False, True, None, "channels_first"),  # tiling, a remainder cropped
+    (2, (9, 8), None, 0, False, False, None, "channels_last"),  # global: one window
+    (3, (2, 3, 5), None, 0, True, True, 4, "channels_last"),  # tiling with divisor_override
     (2, (6, 5), (2, 3), 2, True, False, None, "channels_last"),  # > BOX_LIMIT: axis by axis
     (2, (6, 5), (2, 3), (3, 1), True, True, 7, "channels_first"),
     (3, (4, 4, 2), (1, 2, 1), (2, 1, 1), False, False, None, "channels_last"),

@@ -37,6 +37,7 @@ def _samples(x):
 OPS = {
     "max_pool": lambda x: op("max_pool")(x, (2, 2), 1, 1, ceil_mode=True),
     "avg_pool": lambda x: op("avg_pool")(x, (3, 3), 2, 1, ceil_mode=True),
+    "avg_pool_tiled": lambda x: op("avg_pool")(x, (2, 3)),
     "lp_pool2": lambda x: op("lp_pool")(x, 2.0, (2, 2), 1, 1),
     "lp_pool3.5": lambda x: op("lp_pool")(x, 3.5, (2, 2), 2),
     "lp_pool_inf": lambda x: op("lp_pool")(x, math.inf, (2, 2), 2),
@@ -212,7 +213,9 @@ MAGNITUDES = [
 
 
 @pytest.mark.parametrize(("dtype", "scale"), MAGNITUDES)
-@pytest.mark.parametrize("name", ["max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"])
+@pytest.mark.parametrize(
+    "name", ["max_pool", "avg_pool", "avg_pool_tiled", "adaptive_avg_pool", "adaptive_max_pool"]
+)
 def test_extreme_magnitudes_stay_finite(name, dtype, scale):
     """Averages and maxima of representable values are representable: no overflow inside."""
     rng = np.random.default_rng(0)

@@ -26,6 +26,7 @@ reduction), and ``Out == In`` axes are skipped.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, is_int, layout_axes, spatial_rank
+from jaxconv._src.boxmap import safe_mean, tile_sum
 from jaxconv._src.select import max_and_index, max_reduce
 from jaxconv._src.window import AxisPlan, along
 
@@ -138,40 +140,14 @@ def adaptive_plans(fname: str, shape, output_size, data_format) -> tuple[Adaptiv
     )
 
 
-def _safe_mean(total, x, count, largest: int):
-    """``total(x) / count``, as PyTorch (sum, then divide), without overflow where the mean is
-    finite: where the sum overflows, the sum of ``x * 2**-e`` (``2**e >= largest``, an exact
-    scaling) is divided and scaled back; that second pass runs only when a mean is infinite."""
-    mean = total(x) / count
-    scale = 2.0 ** int(np.ceil(np.log2(max(largest, 1))))
-    if scale == 1.0:
-        return mean
-
-    def rescue(mean, x):
-        scaled = total(x * jnp.asarray(1 / scale, x.dtype)) / count * jnp.asarray(scale, x.dtype)
-        return jnp.where(jnp.isinf(mean) & ~jnp.isinf(scaled), scaled, mean)
-
-    # Only runs when some mean is infinite (an overflow, or an infinite input).
-    return lax.cond(jnp.any(jnp.isinf(mean)), rescue, lambda mean, x: mean, mean, x)
-
-
 def _mean_divisible(x, plans):
-    """Average every ``In % Out == 0`` axis over its windows: one reshape, one reduction."""
-    shape, reduce_axes, count = [], [], 1
-    plan_of = {p.axis: p for p in plans}
-    for axis, size in enumerate(x.shape):
-        plan = plan_of.get(axis)
-        if plan is None:
-            shape.append(size)
-        else:
-            shape.extend((plan.out, size // plan.out))
-            reduce_axes.append(len(shape) - 1)
-            count *= size // plan.out
-
-    def total(v):
-        return jnp.sum(v.reshape(shape), axis=tuple(reduce_axes))
-
-    return _safe_mean(total, x, jnp.asarray(count, x.dtype), count)
+    """Average every ``In % Out == 0`` axis over its windows: they tile the axis, so one
+    reshape and one reduction (:func:`~jaxconv._src.boxmap.tile_sum`)."""
+    tiled = tuple(
+        AxisPlan(p.axis, p.size, p.size // p.out, p.size // p.out, 1, 0, 0, p.out) for p in plans
+    )
+    count = math.prod(p.kernel for p in tiled)
+    return safe_mean(lambda v: tile_sum(v, tiled), x, count, count)
 
 
 def _mean_masked(x, plan):
@@ -185,7 +161,7 @@ def _mean_masked(x, plan):
         return out
 
     lengths = jnp.asarray(along(plan.lengths, plan.axis, x.ndim).astype(np.float64), x.dtype)
-    return _safe_mean(total, x, lengths, plan.kernel)
+    return safe_mean(total, x, lengths, plan.kernel)
 
 
 def adaptive_avg_pool(

@@ -29,7 +29,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, is_int
-from jaxconv._src.boxmap import box_map, sum_transpose
+from jaxconv._src.boxmap import box_map, safe_mean, sum_transpose, tile_spread, tile_sum, tiles
 from jaxconv._src.window import AxisPlan, WindowSpec, window_spec
 
 _FNAME = "avg_pool"
@@ -81,11 +81,15 @@ def _divide(total: jax.Array, div, plans, ranges) -> jax.Array:
 def window_mean(x: jax.Array, spec: WindowSpec, div) -> jax.Array:
     """The sum of ``x`` over every window (zero padding) divided by ``div``.
 
-    Over the whole box in one pass (the division folded in) when the window has at most
-    ``BOX_LIMIT`` elements, else one axis at a time. ``x`` and ``div`` are first scaled by the
+    Windows that tile the input (kernel == stride, no padding) are a reshape and one reduction,
+    redone on scaled input only where a sum overflows (:func:`~jaxconv._src.boxmap.safe_mean`);
+    others run over the whole box in one pass (the division folded in) when the window has at
+    most ``BOX_LIMIT`` elements, else one axis at a time. ``x`` and ``div`` are first scaled by the
     same power of two ``2^-e >= 1/window_size``: exact (both only change exponent), and no
     partial sum can overflow, so the mean of representable values stays representable.
     """
+    if tiles(spec.plans):  # the divisor is a scalar: every window lies inside the input
+        return safe_mean(lambda v: tile_sum(v, spec.plans), x, div, spec.window_size)
     scale = 2.0 ** -math.ceil(math.log2(spec.window_size))
     x = x * jnp.asarray(scale, x.dtype)
     div = div * scale
@@ -103,6 +107,8 @@ def window_mean(x: jax.Array, spec: WindowSpec, div) -> jax.Array:
 def _mean_transpose(g: jax.Array, spec: WindowSpec, div) -> jax.Array:
     """The adjoint of :func:`window_mean`: spread ``g / div`` back over every window."""
     h = _divide(g, div, (), ())
+    if tiles(spec.plans):
+        return tile_spread(h, spec.plans, [p.size for p in spec.plans])
     groups = [spec.plans] if spec.window_size <= BOX_LIMIT else [(p,) for p in spec.plans]
     for plans in reversed(groups):
         h = sum_transpose(h, plans, [p.size for p in plans])

@@ -17,6 +17,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxconv._src.window import AxisPlan, taps
@@ -196,3 +197,64 @@ def sum_transpose(h: jax.Array, plans, sizes) -> jax.Array:
     (:func:`adjoint_map`). ``sizes`` are the input lengths along the plans' axes.
     """
     return adjoint_map(h, plans, sizes, lambda parts, _: functools.reduce(jnp.add, parts))
+
+
+def tiles(plans) -> bool:
+    """Whether the windows tile the input: kernel == stride, no dilation, no padding read."""
+    return all(
+        p.kernel == p.stride and p.dilation == 1 and p.lo == 0 and p.out * p.kernel <= p.size
+        for p in plans
+    )
+
+
+def tile_sum(x: jax.Array, plans) -> jax.Array:
+    """The window sums of tiling windows (:func:`tiles`): a crop, a reshape, one reduction."""
+    limits = list(x.shape)
+    for p in plans:
+        limits[p.axis] = p.out * p.kernel
+    x = lax.slice(x, [0] * x.ndim, limits)
+    kernel = {p.axis: p.kernel for p in plans}
+    shape, reduce_axes = [], []
+    for axis, size in enumerate(x.shape):
+        if axis in kernel:
+            shape.extend((size // kernel[axis], kernel[axis]))
+            reduce_axes.append(len(shape) - 1)
+        else:
+            shape.append(size)
+    return jnp.sum(x.reshape(shape), axis=tuple(reduce_axes))
+
+
+def tile_spread(h: jax.Array, plans, sizes) -> jax.Array:
+    """The adjoint of :func:`tile_sum`: every output's value over its window, zero elsewhere."""
+    kernel = {p.axis: p.kernel for p in plans}
+    expanded, wide = [], []
+    for axis, size in enumerate(h.shape):
+        expanded.append(size)
+        wide.append(size)
+        if axis in kernel:
+            expanded.append(1)
+            wide.append(kernel[axis])
+    tiled = [size * kernel.get(axis, 1) for axis, size in enumerate(h.shape)]
+    h = jnp.broadcast_to(h.reshape(expanded), wide).reshape(tiled)
+    pads = [(0, 0, 0)] * h.ndim
+    for p, size in zip(plans, sizes, strict=True):
+        pads[p.axis] = (0, size - p.out * p.kernel, 0)
+    return lax.pad(h, jnp.zeros((), h.dtype), pads)
+
+
+def safe_mean(total, x, count, largest: int):
+    """``total(x) / count``, as PyTorch (sum, then divide), without overflow where the mean is
+    finite: where the sum overflows, the sum of ``x * 2**-e`` (``2**e >= largest``, an exact
+    scaling) is divided and scaled back; that second pass runs only when a mean is infinite."""
+    mean = total(x) / jnp.asarray(count, x.dtype)
+    scale = 2.0 ** int(np.ceil(np.log2(max(largest, 1))))
+    if scale == 1.0:
+        return mean
+
+    def rescue(mean, x):
+        scaled = total(x * jnp.asarray(1 / scale, x.dtype)) / jnp.asarray(count, x.dtype)
+        scaled = scaled * jnp.asarray(scale, x.dtype)
+        return jnp.where(jnp.isinf(mean) & ~jnp.isinf(scaled), scaled, mean)
+
+    # Only runs when some mean is infinite (an overflow, or an infinite input).
+    return lax.cond(jnp.any(jnp.isinf(mean)), rescue, lambda mean, x: mean, mean, x)
