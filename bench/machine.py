@@ -66,4 +66,5 @@ def machine_info(torch_threads: int) -> dict:
         "jax_device": getattr(device, "device_kind", str(device)),
         "versions": {name: _version(name) for name in PACKAGES},
         "git_commit": _git_commit(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }

@@ -161,6 +161,13 @@ def _target_summary(cases: list[dict]) -> list[str]:
     return lines + ([""] if met < len(checks) else [])
 
 
+def _allocator(m: dict) -> str:
+    tunables = m.get("glibc_tunables")
+    if not tunables:
+        return "the system's (glibc defaults: buffers over 32 MiB are fresh mmaps)."
+    return f"`GLIBC_TUNABLES={tunables}` (freed memory is reused, not page-faulted again)."
+
+
 def _header(report: dict) -> list[str]:
     m, s, cp = report["machine"], report["settings"], report["copy"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -170,6 +177,7 @@ def _header(report: dict) -> list[str]:
         f"- Machine: {m['cpu']}, {m['cores']} cores, JAX backend {m['jax_backend']} "
         f"({m['jax_device']}), torch threads {m['torch_threads']}.",
         f"- Software: {versions}; Python {m['python']}.",
+        f"- Allocator: {_allocator(m)}",
         f"- Run: {m['date_utc']}, commit {m['git_commit']}, "
         f"{'quick' if s['quick'] else 'full'} suite, median of up to {s['repeats']} repeats after "
         f"{s['warmup']} warm-up calls (at most ~{s['budget_s']} s per peer); "
