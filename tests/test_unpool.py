@@ -127,6 +127,45 @@ def test_duplicate_indices_last_write_wins():
     np.testing.assert_array_equal(grad[0, 0], [2.0, 0.0, 0.0, 4.0])
 
 
+@pytest.mark.parametrize("padding", [0, 1])
+def test_tiling_windows_with_foreign_indices_match_torch(padding):
+    """stride == window: indices that leave their own window (another window's position,
+    duplicates across windows) take the scatter path and still match PyTorch, values and
+    gradient; max pooling's own indices take the broadcast path."""
+    rng = np.random.default_rng(11)
+    y = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    out_sizes = (8 - 2 * padding, 10 - 2 * padding)
+    volume = out_sizes[0] * out_sizes[1]
+    own = F.max_pool2d(
+        torch.tensor(rng.standard_normal((2, 3, *out_sizes)), dtype=torch.float32),
+        2,
+        2,
+        padding,
+        return_indices=True,
+    )[1].numpy()
+    foreign = own.copy()
+    foreign[0, 0, 0, 0] = foreign[0, 0, 1, 1]  # a duplicate outside its own window
+    foreign[1, 2] = rng.integers(0, volume, foreign[1, 2].shape)
+    cot = rng.standard_normal((2, 3, *out_sizes)).astype(np.float32)
+    for idx in (own, foreign):
+        ty = torch.tensor(y, requires_grad=True)
+        t = F.max_unpool2d(ty, torch.tensor(idx), 2, 2, padding)
+        (t * torch.tensor(cot)).sum().backward()
+
+        def unpool(y, idx=idx):
+            return jaxconv.max_unpool(y, idx, (2, 2), 2, padding, data_format="channels_first")
+
+        out, vjp = jax.vjp(jax.jit(unpool), jnp.asarray(y))
+        np.testing.assert_array_equal(out, t.detach().numpy())
+        # Where several inputs name a position, only the last (row-major) one gets gradient.
+        want = ty.grad.numpy().reshape(6, -1)
+        for plane, row in zip(idx.reshape(6, -1), want, strict=True):
+            for j, target in enumerate(plane):
+                if target in plane[j + 1 :]:
+                    row[j] = 0.0
+        np.testing.assert_allclose(vjp(jnp.asarray(cot))[0], want.reshape(y.shape), rtol=1e-6)
+
+
 def test_out_of_range_indices_are_dropped():
     y = jnp.ones((1, 1, 3))
     i = jnp.asarray([[[0, -1, 99]]])

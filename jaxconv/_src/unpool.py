@@ -8,6 +8,13 @@ on scatter order: a ``max`` scatter of the input *positions* (commutative, so or
 the winner of each output position, and a gather reads its value. The output is then a gather of
 ``x``: linear, differentiable in both modes, and its gradient is the gather of the cotangent at
 ``indices`` (zero for inputs that lost to a later duplicate).
+
+Where the windows tile the output (stride == window), every index that max pooling produced lies
+in its own window, and each output position can only receive the value of the one window that
+covers it: the output is that window's value where its index names the position, zero elsewhere
+(a broadcast, a compare and a select; its gradient a window sum). A run-time check that every index
+lies in its own window picks that path, and the scatter otherwise, so any ``indices`` give the
+same result.
 """
 
 import math
@@ -15,6 +22,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_floating, is_int, layout_axes, per_axis, spatial_rank
@@ -93,19 +101,70 @@ def _output_sizes(output_size, default, stride, shape, axes) -> tuple[int, ...]:
     return sizes
 
 
-def _scatter_planes(values: jax.Array, indices: jax.Array, length: int) -> jax.Array:
-    """``(M, L_in)`` planes scattered into ``(M, length)``; out-of-range indices are dropped."""
-    planes, l_in = values.shape
+def _scatter_planes(values: jax.Array, indices: jax.Array, length: int, axis: int) -> jax.Array:
+    """3-D ``values`` (batch first, the flat spatial axis ``axis`` and the channel axis) scattered
+    into ``length`` spatial positions; out-of-range indices are dropped. The channel axis stays
+    where it is, so that the output needs no transpose."""
     ok = indices >= 0
     if jnp.iinfo(indices.dtype).max >= length:
         ok = ok & (indices < length)
     target = jnp.where(ok, indices.astype(jnp.int32), length)
-    rows = jnp.arange(planes, dtype=jnp.int32)[:, None]
-    source = jnp.broadcast_to(jnp.arange(l_in, dtype=jnp.int32), (planes, l_in))
-    winner = jnp.full((planes, length), -1, jnp.int32)
-    winner = winner.at[rows, target].max(source, mode="drop")
-    picked = jnp.take_along_axis(values, jnp.maximum(winner, 0), axis=1)
+    out_shape = list(values.shape)
+    out_shape[axis] = length
+    grid = [lax.broadcasted_iota(jnp.int32, values.shape, d) for d in range(3)]
+    source = grid[axis]
+    grid[axis] = target
+    winner = jnp.full(out_shape, -1, jnp.int32).at[tuple(grid)].max(source, mode="drop")
+    picked = jnp.take_along_axis(values, jnp.maximum(winner, 0), axis=axis)
     return jnp.where(winner >= 0, picked, jnp.zeros((), values.dtype))
+
+
+def _local_unpool(x, indices, axes, kernel, pads, sizes):
+    """The output when every index lies in its own window (stride == window): each input
+    broadcast over its window, kept where its index names the position. Returns the output
+    and whether every index lies in its own window."""
+    k_of = dict(zip(axes, kernel, strict=True))
+    expanded, wide = [], []
+    for axis, size in enumerate(x.shape):
+        expanded.append(size)
+        wide.append(size)
+        if axis in k_of:
+            expanded.append(1)
+            wide.append(k_of[axis])
+    index = indices.astype(jnp.int32)
+    position, rem = jnp.zeros(wide, jnp.int32), index
+    local = (index >= 0) & (index < math.prod(sizes))
+    step = 1
+    for a, k, (lo, _), size in reversed(list(zip(axes, kernel, pads, sizes, strict=True))):
+        w = a + sum(1 for b in axes if b < a)  # where axis a sits in the wide shape
+        coord = lax.broadcasted_iota(jnp.int32, wide, w) * k
+        coord = coord + lax.broadcasted_iota(jnp.int32, wide, w + 1) - lo
+        position = position + coord * step
+        step *= size
+        here, rem = rem % size, rem // size
+        local = local & ((here + lo) // k == lax.broadcasted_iota(jnp.int32, x.shape, a))
+    hit = index.reshape(expanded) == position
+    out = jnp.where(hit, x.reshape(expanded), jnp.zeros((), x.dtype))
+    out = out.reshape([n * k_of.get(axis, 1) for axis, n in enumerate(x.shape)])
+    config = [(0, 0, 0)] * x.ndim
+    for a, (lo, _), size in zip(axes, pads, sizes, strict=True):
+        config[a] = (-lo, lo + size - out.shape[a], 0)
+    return lax.pad(out, jnp.zeros((), x.dtype), config), jnp.all(local)
+
+
+def _unpool_scatter(x, indices, axes, channel_axis, sizes):
+    """The scatter form of :func:`max_unpool`, in the layout of ``x``."""
+    lead = math.prod(x.shape[: min(axes[0], channel_axis)])
+    length_in, channels = math.prod(x.shape[a] for a in axes), x.shape[channel_axis]
+    last = channel_axis > axes[0]
+    shape = (lead, length_in, channels) if last else (lead, channels, length_in)
+    flat = _scatter_planes(
+        x.reshape(shape), indices.reshape(shape), math.prod(sizes), 1 if last else 2
+    )
+    out_shape = list(x.shape)
+    for a, size in zip(axes, sizes, strict=True):
+        out_shape[a] = size
+    return flat.reshape(out_shape)
 
 
 def max_unpool(
@@ -175,14 +234,13 @@ def max_unpool(
     in_sizes = tuple(x.shape[a] for a in axes)
     default = _default_sizes(in_sizes, kernel, strides, pads)
     sizes = _output_sizes(output_size, default, strides, x.shape, axes)
-    lead = x.shape[: min(axes[0], channel_axis)]
-    order = (*range(len(lead)), channel_axis, *axes)
-    planes = (math.prod(lead) * x.shape[channel_axis], math.prod(in_sizes))
-    flat = _scatter_planes(
-        x.transpose(order).reshape(planes),
-        indices.transpose(order).reshape(planes),
-        math.prod(sizes),
+    if strides != kernel:
+        return _unpool_scatter(x, indices, axes, channel_axis, sizes)
+    fast, local = _local_unpool(x, indices, axes, kernel, pads, sizes)
+    return lax.cond(
+        local,
+        lambda x, fast: fast,
+        lambda x, fast: _unpool_scatter(x, indices, axes, channel_axis, sizes),
+        x,
+        fast,
     )
-    out = flat.reshape((*lead, x.shape[channel_axis], *sizes))
-    inverse = [order.index(a) for a in range(x.ndim)]
-    return out.transpose(inverse)
