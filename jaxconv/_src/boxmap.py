@@ -224,16 +224,23 @@ def tile_sum(x: jax.Array, plans) -> jax.Array:
     return jnp.sum(x.reshape(shape), axis=tuple(reduce_axes))
 
 
-def tile_spread(h: jax.Array, plans, sizes) -> jax.Array:
-    """The adjoint of :func:`tile_sum`: every output's value over its window, zero elsewhere."""
-    kernel = {p.axis: p.kernel for p in plans}
+def window_shapes(shape, kernel: dict) -> tuple[list[int], list[int]]:
+    """``shape`` with a window axis after each axis in ``kernel`` (``{axis: k}``): of size 1
+    (to broadcast from) and of size ``k``."""
     expanded, wide = [], []
-    for axis, size in enumerate(h.shape):
+    for axis, size in enumerate(shape):
         expanded.append(size)
         wide.append(size)
         if axis in kernel:
             expanded.append(1)
             wide.append(kernel[axis])
+    return expanded, wide
+
+
+def tile_spread(h: jax.Array, plans, sizes) -> jax.Array:
+    """The adjoint of :func:`tile_sum`: every output's value over its window, zero elsewhere."""
+    kernel = {p.axis: p.kernel for p in plans}
+    expanded, wide = window_shapes(h.shape, kernel)
     tiled = [size * kernel.get(axis, 1) for axis, size in enumerate(h.shape)]
     h = jnp.broadcast_to(h.reshape(expanded), wide).reshape(tiled)
     pads = [(0, 0, 0)] * h.ndim

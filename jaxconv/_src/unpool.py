@@ -27,6 +27,7 @@ from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_floating, is_int, layout_axes, per_axis, spatial_rank
 from jaxconv._src.arithmetic import resolve_padding
+from jaxconv._src.boxmap import window_shapes
 
 _FNAME = "max_unpool"
 _INT32_MAX = 2**31 - 1
@@ -124,13 +125,7 @@ def _local_unpool(x, indices, axes, kernel, pads, sizes):
     broadcast over its window, kept where its index names the position. Returns the output
     and whether every index lies in its own window."""
     k_of = dict(zip(axes, kernel, strict=True))
-    expanded, wide = [], []
-    for axis, size in enumerate(x.shape):
-        expanded.append(size)
-        wide.append(size)
-        if axis in k_of:
-            expanded.append(1)
-            wide.append(k_of[axis])
+    expanded, wide = window_shapes(x.shape, k_of)
     index = indices.astype(jnp.int32)
     position, rem = jnp.zeros(wide, jnp.int32), index
     local = (index >= 0) & (index < math.prod(sizes))
