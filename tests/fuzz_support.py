@@ -142,8 +142,11 @@ def from_torch_layout(y: np.ndarray, batch: tuple, n: int, data_format: str) -> 
     return y
 
 
-def close(name: str, got, want, dtype) -> None:
-    """Raise :class:`DisagreementError` unless ``got`` matches ``want`` (tolerance by dtype)."""
+def close(name: str, got, want, dtype, bound=None) -> None:
+    """Raise :class:`DisagreementError` unless ``got`` matches ``want`` (tolerance by dtype).
+
+    ``bound``, where given, is the sum of the absolute values of the terms that make up each
+    entry (a sum of products): rounding error scales with it, not with the result."""
     got, want = np.asarray(got), np.asarray(want)
     if got.shape != want.shape:
         raise DisagreementError(f"{name}: shape {got.shape} != expected {want.shape}")
@@ -153,7 +156,8 @@ def close(name: str, got, want, dtype) -> None:
         return
     tol = 1e-5 if np.dtype(dtype) == np.float32 else 1e-10
     scale = max(1.0, float(np.max(np.abs(want[np.isfinite(want)]), initial=0.0)))
-    ok = np.isclose(got.astype(np.float64), want.astype(np.float64), rtol=tol, atol=tol * scale)
+    atol = tol * (scale if bound is None else np.maximum(scale, np.asarray(bound, np.float64)))
+    ok = np.isclose(got.astype(np.float64), want.astype(np.float64), rtol=tol, atol=atol)
     ok |= np.isnan(got) & np.isnan(want)
     if not ok.all():
         bad = np.argwhere(~ok)[0]

@@ -176,10 +176,11 @@ def settle(jax_out, torch_err, fname):
     raise DisagreementError(f"jaxconv accepts what the oracle rejects: {torch_err}")
 
 
-def compare(c, names, got, want):
-    for name, g, w in zip(names[: len(got)], got, want, strict=True):
+def compare(c, names, got, want, bounds=None):
+    bounds = bounds or [None] * len(got)
+    for name, g, w, b in zip(names[: len(got)], got, want, bounds[: len(got)], strict=True):
         if w is not None:
-            close(name, g, w, c.dtype)
+            close(name, g, w, c.dtype, b)
 
 
 def torch_out(y, c):
@@ -243,6 +244,22 @@ def torch_conv(case, xt, wt, bt):
     return conv(xp, wt, bt, s, 0, d, case["groups"])
 
 
+def conv_bounds(case, x, oihw, b, cot):
+    """Per entry of the output and of each gradient, the sum of the absolute values of its
+    terms: the same convolution and gradients on ``|x|``, ``|w|``, ``|b|`` and ``|cot|``."""
+    c = case["c"]
+    leaves = [leaf(np.abs(to_torch_layout(x, c.n, c.data_format)).astype(np.float64))]
+    leaves += [leaf(np.abs(oihw).astype(np.float64))]
+    leaves += [leaf(np.abs(b).astype(np.float64))] if b is not None else []
+    y = torch_conv(case, *leaves[:2], leaves[2] if b is not None else None)
+    abs_cot = np.abs(to_torch_layout(cot, c.n, c.data_format)).astype(np.float64)
+    grads = torch_grads(y, abs_cot, leaves)
+    grads[0] = grad_back(grads[0], c)
+    if c.data_format == "channels_last":
+        grads[1] = np.transpose(grads[1], (*range(2, c.n + 2), 1, 0))
+    return [torch_out(y, c), *grads]
+
+
 def check_conv(case):
     c = case["c"]
     rng = np.random.default_rng(c.seed)
@@ -275,7 +292,8 @@ def check_conv(case):
     tg[0] = grad_back(tg[0], c)
     if c.data_format == "channels_last":
         tg[1] = np.transpose(tg[1], (*range(2, c.n + 2), 1, 0))
-    compare(c, ["y", "dx", "dw", "db"], [got, *grads], [torch_out(yt, c), *tg])
+    bounds = conv_bounds(case, x, oihw, b, cot)
+    compare(c, ["y", "dx", "dw", "db"], [got, *grads], [torch_out(yt, c), *tg], bounds)
     return "agree"
 
 

@@ -260,7 +260,7 @@ def conv(
     stride, dilation, pads = _conv_geometry(fname, lay, stride, padding, dilation)
     xb = _one_batch_axis(x, lay.batch_shape)
     xb, pads = _pad_mode(fname, xb, lay, pads, padding_mode)
-    # Padding that XLA's CPU compiler would mishandle in the gradient is applied explicitly.
+    # Padding that XLA's CPU backend would mishandle in the gradient is applied explicitly.
     xb, pads = _pad_explicitly(xb, lay, stride, pads, dilation)
     out = lax.conv_general_dilated(
         xb,
@@ -429,18 +429,30 @@ def _group_window_axes(stride, dilation, kernel) -> list[bool]:
 
 
 def _pad_explicitly(x, lay: _Layout, stride, pads, dilation):
-    """``x`` padded explicitly by 1 on axes whose gradient would have the group-axis form
-    (kernel 2, stride 2, low padding 1); the convolution then has low padding 0 there. XLA folds
-    the explicit padding into the forward convolution again."""
+    """Padding the convolution's gradient would mishandle, applied to ``x`` explicitly.
+
+    - Padding beyond the kernel's span ``d*(k-1)`` (outputs that read padding only): the
+      gradient's transposed convolution would get negative padding, which XLA's CPU
+      convolution gets wrong (it reads uninitialised memory).
+    - The low padding of kernel-2, stride-2 axes, whose gradient would otherwise have the
+      group-axis form (above).
+
+    XLA folds the explicit padding into the forward convolution again.
+    """
     risky = _group_window_axes(stride, dilation, lay.kernel)
-    low = [int(r and lo == 1) for r, (lo, _) in zip(risky, pads, strict=True)]
-    if not any(low):
+    explicit = []
+    for r, k, d, (lo, hi) in zip(risky, lay.kernel, dilation, pads, strict=True):
+        span = d * (k - 1)
+        explicit.append((lo if r else max(0, lo - span), max(0, hi - span)))
+    if not any(lo or hi for lo, hi in explicit):
         return x, pads
     config = [(0, 0, 0)] * x.ndim
-    for axis, amount in zip(lay.spatial_axes, low, strict=True):
-        config[axis] = (amount, 0, 0)
+    for axis, (lo, hi) in zip(lay.spatial_axes, explicit, strict=True):
+        config[axis] = (lo, hi, 0)
     x = lax.pad(x, jnp.zeros((), x.dtype), config)
-    return x, tuple((lo - a, hi) for a, (lo, hi) in zip(low, pads, strict=True))
+    return x, tuple(
+        (lo - e_lo, hi - e_hi) for (e_lo, e_hi), (lo, hi) in zip(explicit, pads, strict=True)
+    )
 
 
 def _avoid_group_window(tpads, lay: _Layout, stride, dilation):
