@@ -36,7 +36,7 @@ from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, is_int, layout_axes, spatial_rank
 from jaxconv._src.boxmap import safe_mean, tile_sum
-from jaxconv._src.select import max_and_index, max_reduce
+from jaxconv._src.select import select_max
 from jaxconv._src.window import AxisPlan, along
 
 
@@ -244,7 +244,4 @@ def adaptive_max_pool(
     x = check_floating(fname, "x", x)
     return_indices = check_bool(fname, "return_indices", return_indices)
     plans = tuple(_as_regular(p) for p in adaptive_plans(fname, x.shape, output_size, data_format))
-    aux = (None,) * len(plans)
-    if not return_indices:
-        return max_reduce(x, aux, plans)
-    return max_and_index(x, aux, plans, tuple(p.size for p in plans))
+    return select_max(x, (None,) * len(plans), plans, return_indices)

@@ -37,7 +37,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, layout_axes, per_axis, spatial_rank
-from jaxconv._src.select import max_and_index, max_reduce, phase_pick
+from jaxconv._src.select import phase_pick, select_max
 from jaxconv._src.window import AxisPlan, along
 
 
@@ -129,9 +129,7 @@ def _take(x, index, axis):
 
 def pool(x, plans, aux, return_indices):
     """The max over the plans' windows (and the flat indices of the winners)."""
-    if not return_indices:
-        return max_reduce(x, aux, plans)
-    return max_and_index(x, aux, plans, tuple(p.size for p in plans))
+    return select_max(x, aux, plans, return_indices)
 
 
 # PyTorch's kernel-based sequence.

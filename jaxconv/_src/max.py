@@ -47,7 +47,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating
-from jaxconv._src.select import max_and_index, max_reduce
+from jaxconv._src.select import select_max
 from jaxconv._src.window import tap_valid, window_spec
 
 _FNAME = "max_pool"
@@ -81,7 +81,7 @@ def max_pool(
     Args:
       x: ``(*batch, *spatial, C)`` for channels_last or ``(*batch, C, *spatial)`` for
         channels_first; ``*batch`` may be empty or several axes. A floating dtype (float16 and
-        bfloat16 are compared exactly in their own dtype).
+        bfloat16 are compared in float32, which is exact).
       window: the window size per spatial axis, a sequence of ``n`` ints.
       stride: an int or ``n`` ints; ``None`` means ``window``.
       padding: an int, ``n`` ints, ``n`` ``(lo, hi)`` pairs, "VALID" or "SAME".
@@ -116,14 +116,14 @@ def max_pool(
     spec = window_spec(_FNAME, x.shape, window, stride, padding, dilation, ceil_mode, data_format)
     aux = (None,) * spec.n
     if not return_indices:
-        return max_reduce(x, aux, spec.plans)
+        return select_max(x, aux, spec.plans, False)
     sizes = tuple(p.size for p in spec.plans)
     if math.prod(sizes) > _INT32_MAX:
         raise ValueError(
             f"{_FNAME}: `return_indices=True` needs a spatial volume of at most {_INT32_MAX} "
             f"elements (int32 indices), got spatial sizes {sizes}."
         )
-    values, index = max_and_index(x, aux, spec.plans, sizes)
+    values, index = select_max(x, aux, spec.plans, True)
     return values, _mark_padding_only(index, spec.plans)
 
 

@@ -360,6 +360,19 @@ def _max_reduce_jvp(plans, primals, tangents):
     return x, t
 
 
+def select_max(x, aux, plans, return_indices: bool):
+    """The max over the plans' windows, and with ``return_indices`` the winners' flat indices.
+
+    float16 and bfloat16 select in float32: exact (the conversion keeps order, ties and NaN)
+    and, on CPU, several times faster than XLA's loops over 16-bit types.
+    """
+    wide = x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+    if not return_indices:
+        return max_reduce(wide, aux, plans).astype(x.dtype)
+    values, index = max_and_index(wide, aux, plans, tuple(p.size for p in plans))
+    return values.astype(x.dtype), index
+
+
 def max_and_index(x, aux, plans, sizes):
     """``max_reduce`` and the winners' :func:`flat_index` (int32, no tangent) in one pass.
 
