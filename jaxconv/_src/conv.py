@@ -2,8 +2,9 @@
 
 ``conv`` passes ``dimension_numbers`` that match ``data_format`` and the weight layout, so no
 array is transposed and, with ``padding_mode="zeros"``, a single batch axis and no bias, the traced
-program is exactly one ``conv_general_dilated``. Other padding modes pad explicitly (reflect,
-edge, wrap) and then run a VALID convolution.
+program is exactly one ``conv_general_dilated`` (with an explicit ``pad`` in front in the two
+configurations whose gradient XLA's CPU backend mishandles, see ``_pad_explicitly``). Other
+padding modes pad explicitly (reflect, edge, wrap) and then run a VALID convolution.
 
 ``conv_transpose`` is the adjoint (transpose) of ``conv`` with respect to ``x``: it dilates its
 input by the stride, pads it by ``d*(k-1) - lo`` and ``d*(k-1) - hi + r`` (``r`` the part of the
