@@ -81,14 +81,19 @@ def _divide(total: jax.Array, div, plans, ranges) -> jax.Array:
 def window_mean(x: jax.Array, spec: WindowSpec, div) -> jax.Array:
     """The sum of ``x`` over every window (zero padding) divided by ``div``.
 
-    Windows that tile the input (kernel == stride, no padding) are a reshape and one reduction,
-    redone on scaled input only where a sum overflows (:func:`~jaxconv._src.boxmap.safe_mean`);
-    others run over the whole box in one pass (the division folded in) when the window has at
-    most ``BOX_LIMIT`` elements, else one axis at a time. ``x`` and ``div`` are first scaled by the
-    same power of two ``2^-e >= 1/window_size``: exact (both only change exponent), and no
-    partial sum can overflow, so the mean of representable values stays representable.
+    Windows of more than ``BOX_LIMIT`` elements that tile the input (kernel == stride, no
+    padding) are a reshape and one reduction, redone on scaled input only where a sum overflows
+    (:func:`~jaxconv._src.boxmap.safe_mean`); others run over the whole box in one pass (the
+    division folded in) when the window has at most ``BOX_LIMIT`` elements, else one axis at a
+    time. (On CPU the box pass is faster for small tiling windows: avg 2x2 stride 2 forward on
+    float32 NHWC (32, 56, 56, 64) 0.36 ms against 0.98 ms for the reshape; the adjoint of any
+    tiling window is the broadcast of :func:`~jaxconv._src.boxmap.tile_spread`, 3-D 2x2x2 on
+    (4, 16, 56, 56, 32) forward plus backward 1.8 ms against 7.7 ms.) Otherwise ``x`` and
+    ``div`` are first scaled by the same power of two ``2^-e >= 1/window_size``: exact (both
+    only change exponent), and no partial sum can overflow, so the mean of representable
+    values stays representable.
     """
-    if tiles(spec.plans):  # the divisor is a scalar: every window lies inside the input
+    if tiles(spec.plans) and spec.window_size > BOX_LIMIT:  # a scalar divisor: no padding read
         return safe_mean(lambda v: tile_sum(v, spec.plans), x, div, spec.window_size)
     scale = 2.0 ** -math.ceil(math.log2(spec.window_size))
     x = x * jnp.asarray(scale, x.dtype)
