@@ -178,6 +178,7 @@ def _header(report: dict) -> list[str]:
         f"({m['jax_device']}), torch threads {m['torch_threads']}.",
         f"- Software: {versions}; Python {m['python']}.",
         f"- Allocator: {_allocator(m)}",
+        *([f"- Note: {report['note']}."] if report.get("note") else []),
         f"- Run: {m['date_utc']}, commit {m['git_commit']}, "
         f"{'quick' if s['quick'] else 'full'} suite, median of up to {s['repeats']} repeats after "
         f"{s['warmup']} warm-up calls (at most ~{s['budget_s']} s per peer); "
