@@ -1,5 +1,8 @@
 """``python -m bench``: run the benchmark suite."""
 
-from bench.cli import main
+import sys
 
+from bench.cli import main, restart_with_allocator
+
+restart_with_allocator(sys.argv[1:])
 raise SystemExit(main())

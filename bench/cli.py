@@ -117,14 +117,21 @@ def run_suite(
     return result
 
 
+def restart_with_allocator(argv: list[str]) -> None:
+    """Restart ``python -m bench`` under :data:`REUSE_TUNABLES` when it is going to measure
+    with ``--allocator reuse`` (the default) on Linux; glibc reads its tunables at start-up only.
+    """
+    args = parser().parse_args(argv)
+    if args.allocator != "reuse" or args.list or args.render:
+        return
+    if not sys.platform.startswith("linux") or os.environ.get("GLIBC_TUNABLES") == REUSE_TUNABLES:
+        return
+    env = {**os.environ, "GLIBC_TUNABLES": REUSE_TUNABLES}
+    os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    wanted = REUSE_TUNABLES if args.allocator == "reuse" else None
-    if wanted and sys.platform.startswith("linux") and os.environ.get("GLIBC_TUNABLES") != wanted:
-        # glibc reads its tunables at start-up only: restart the interpreter with them.
-        argv = sys.argv[1:] if argv is None else argv
-        env = {**os.environ, "GLIBC_TUNABLES": wanted}
-        os.execve(sys.executable, [sys.executable, "-m", "bench", *argv], env)
     if args.render:
         render(args.render)
         return 0
