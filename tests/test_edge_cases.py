@@ -163,6 +163,51 @@ def test_max_pool_nan_and_inf_like_pytorch(seed):
     np.testing.assert_array_equal(np.asarray(idx), it.numpy())
 
 
+@pytest.mark.parametrize(
+    ("shape", "window", "stride", "padding", "ceil_mode"),
+    [
+        ((2, 3, 9), (3,), 2, 1, True),
+        ((2, 3, 6, 7), (3, 3), 2, 1, False),
+        ((2, 3, 6, 7), (2, 2), 1, 1, True),
+        ((2, 3, 5, 6, 5), (2, 2, 2), 2, 1, True),
+    ],
+)
+@pytest.mark.parametrize("values", ["ties", "specials"])
+def test_max_pool_gradient_goes_where_pytorch_sends_it(
+    shape, window, stride, padding, ceil_mode, values
+):
+    """The gradient without indices (one flat winner per window) on tie-heavy input and on NaN,
+    inf and all -inf windows beside padding, as PyTorch's."""
+    rng = np.random.default_rng(len(shape))
+    if values == "ties":
+        x = rng.integers(0, 2, size=shape).astype(np.float32)
+    else:
+        x = rng.standard_normal(shape).astype(np.float32)
+        flat = x.reshape(-1)
+        pos = rng.choice(flat.size, flat.size // 4, replace=False)
+        flat[pos] = rng.choice(SPECIALS, pos.size)
+        x[(0, 0, *[slice(0, 2)] * len(window))] = -np.inf
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(window) - 1]
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = pool(xt, window, stride, padding, 1, ceil_mode)
+    cot = np.cos(np.arange(yt.numel())).reshape(yt.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(cot))
+    f = op("max_pool")
+
+    def pool_and_grad(x):
+        y, vjp = jax.vjp(
+            lambda x: f(
+                x, window, stride, padding, ceil_mode=ceil_mode, data_format="channels_first"
+            ),
+            x,
+        )
+        return y, vjp(jnp.asarray(cot))[0]
+
+    y, g = jax.jit(pool_and_grad)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy())
+    np.testing.assert_allclose(np.asarray(g), xt.grad.numpy(), rtol=1e-6)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_adaptive_max_nan_and_inf_like_pytorch(seed):
     x = _special_input(seed)

@@ -34,9 +34,9 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from jaxconv._src.argmax import select_max
 from jaxconv._src.args import check_bool, check_floating, is_int, layout_axes, spatial_rank
 from jaxconv._src.boxmap import safe_mean, tile_sum
-from jaxconv._src.select import select_max
 from jaxconv._src.window import AxisPlan, along
 
 

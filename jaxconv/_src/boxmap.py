@@ -34,6 +34,39 @@ def _segments(plan: AxisPlan) -> list[tuple[int, int]]:
     return [(a, b) for a, b in ((0, first), (first, stop), (stop, plan.out)) if a < b]
 
 
+def _runs(plan: AxisPlan) -> list[tuple[int, int]]:
+    """Maximal output ranges ``[start, stop)`` whose windows read the same taps of real input."""
+    runs: list[list] = []
+    for o in range(plan.out):
+        pos = o * plan.stride - plan.lo + np.arange(plan.kernel) * plan.dilation
+        valid = tuple(np.flatnonzero((pos >= 0) & (pos < plan.size)))
+        if runs and runs[-1][2] == valid:
+            runs[-1][1] = o + 1
+        else:
+            runs.append([o, o + 1, valid])
+    return [(start, stop) for start, stop, _ in runs]
+
+
+def _sparse_block(x, plans, ranges, fn):
+    """``fn`` over a block of :func:`_runs`: real taps as strided slices, padding taps None."""
+    per_axis = []
+    for plan, (start, stop) in zip(plans, ranges, strict=True):
+        firsts = [start * plan.stride - plan.lo + j * plan.dilation for j in range(plan.kernel)]
+        last = (stop - start - 1) * plan.stride
+        per_axis.append([f if f >= 0 and f + last < plan.size else None for f in firsts])
+    parts = []
+    for combo in itertools.product(*per_axis):
+        if any(f is None for f in combo):
+            parts.append(None)
+            continue
+        starts, limits, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
+        for plan, (start, stop), first in zip(plans, ranges, combo, strict=True):
+            starts[plan.axis], strides[plan.axis] = first, plan.stride
+            limits[plan.axis] = first + (stop - start - 1) * plan.stride + 1
+        parts.append(lax.slice(x, starts, limits, strides))
+    return fn(parts, ranges)
+
+
 def _sub_plan(plan: AxisPlan, start: int, stop: int) -> tuple[AxisPlan, int, int]:
     """The plan of outputs ``[start, stop)`` over the input slab it reads, and that slab."""
     begin = start * plan.stride - plan.lo
@@ -72,24 +105,36 @@ def _block(x, plans, ranges, fn, fill):
     return fn(list(zip(*parts, strict=True)) if isinstance(x, tuple) else parts[0], ranges)
 
 
-def box_map(x: jax.Array, plans, fn, fill) -> jax.Array:
+def box_map(x: jax.Array, plans, fn, fill, *, sparse: bool = False, store: bool = False):
     """``fn(box_taps)`` at every output, the interior on plain slices, the borders apart.
 
     ``fn(parts, ranges)`` maps the taps of a block of outputs to that block, elementwise;
     ``ranges`` gives the block's output range ``(start, stop)`` along each plan's axis. ``x`` may
     be a tuple of same-shaped arrays; then each part is the tuple of their taps.
+
+    ``sparse`` (``x`` one array): the borders are split further into blocks whose windows read
+    the same taps, and a tap that reads padding is None in ``parts`` (no padded slab: max 3x3
+    stride 2 padding 1 on (32, 56, 56, 64) forward 0.5 ms against 1.1 ms); ``fill`` is unused.
+
+    ``store``: the result is always assembled with ``dynamic_update_slice`` (a single block is
+    split in two), which XLA stores; otherwise it may fuse ``fn`` into a consumer that reads each
+    output several times and evaluate it again for every read.
     """
-    per_axis = [_segments(plan) for plan in plans]
-    blocks = [
-        (ranges, _block(x, plans, ranges, fn, fill)) for ranges in itertools.product(*per_axis)
-    ]
+    per_axis = [(_runs if sparse else _segments)(plan) for plan in plans]
+    if store and all(len(s) == 1 for s in per_axis) and plans[0].out > 1:
+        per_axis[0] = [(0, 1), (1, plans[0].out)]
+    if sparse:
+        blocks = [(r, _sparse_block(x, plans, r, fn)) for r in itertools.product(*per_axis)]
+    else:
+        blocks = [(r, _block(x, plans, r, fn, fill)) for r in itertools.product(*per_axis)]
     if len(blocks) == 1:
         return blocks[0][1]
     shape = list(blocks[0][1].shape)
     for plan in plans:
         shape[plan.axis] = plan.out
     out = jnp.zeros(shape, blocks[0][1].dtype)
-    for ranges, block in blocks:
+    # The largest block first: XLA writes it together with the zeros around it in one pass.
+    for ranges, block in sorted(blocks, key=lambda b: -b[1].size):
         starts = [0] * block.ndim
         for plan, (start, _) in zip(plans, ranges, strict=True):
             starts[plan.axis] = start

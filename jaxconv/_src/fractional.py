@@ -36,8 +36,9 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from jaxconv._src.argmax import select_max
 from jaxconv._src.args import check_bool, check_floating, layout_axes, per_axis, spatial_rank
-from jaxconv._src.select import phase_pick, select_max
+from jaxconv._src.select import phase_pick
 from jaxconv._src.window import AxisPlan, along
 
 

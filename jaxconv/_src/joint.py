@@ -6,10 +6,10 @@ Here the winner of a whole window is one flat tap index (row-major over the wind
 127 taps), found after the forward pass by comparing each tap with the pooled value, and the
 tangent pick reads every tap once:
 
-- :func:`joint_offsets`: the output positions are split, per axis, into runs whose windows read
-  the same taps (a padded border, the interior); each run reads its taps as plain strided slices
-  (no padding inside the loop) and the runs are concatenated. The winner is the first tap equal
-  to the maximum, or, where the maximum is NaN, the last NaN tap: PyTorch's tie rule.
+- :func:`joint_max`: the max and the winners come from
+  :func:`jaxconv._src.boxmap.box_map` (interior outputs from plain strided slices, the thin
+  borders apart). The winner is the first tap equal to the maximum, or, where the maximum is
+  NaN, the last NaN tap, padding never: PyTorch's tie rule.
 - :func:`joint_pick`: every spatial axis is reshaped to ``(blocks, stride)``, so tap ``j`` of
   output ``o`` is block ``o + shift`` at phase ``r``: a unit slice. Its transpose, the gradient,
   is one loop of selects and edge pads over the input (no interior padding, no scatter), so it
@@ -20,13 +20,15 @@ against about 2.5 ms for the per-axis variadic reductions, and the gradient abou
 about 1.9 ms for the per-axis pick.
 """
 
+import functools
 import itertools
 
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src.window import AxisPlan
+from jaxconv._src.boxmap import box_map
+from jaxconv._src.window import AxisPlan, tap_position
 
 # Windows of more taps keep the per-axis derivative: the joint pick visits every tap for every
 # input element. Measured forward+backward, float32 NHWC, against the per-axis derivative:
@@ -47,93 +49,71 @@ def _flat_dtype(taps: int):
     return jnp.int8 if taps <= 127 else jnp.int16 if taps <= 32767 else jnp.int32
 
 
-def _runs(plan: AxisPlan) -> list[tuple[int, int, tuple[int, ...]]]:
-    """Maximal runs ``(start, stop, taps)`` of output positions that read the same real taps."""
-    runs: list[tuple[int, int, tuple[int, ...]]] = []
-    for o in range(plan.out):
-        pos = o * plan.stride - plan.lo + np.arange(plan.kernel) * plan.dilation
-        valid = tuple(int(j) for j in np.flatnonzero((pos >= 0) & (pos < plan.size)))
-        if runs and runs[-1][2] == valid:
-            runs[-1] = (runs[-1][0], o + 1, valid)
-        else:
-            runs.append((o, o + 1, valid))
-    return runs
-
-
-def _region_taps(x, plans, region):
-    """``(flat tap index, strided slice)`` for every real tap of a product of runs."""
-    out = []
-    for combo in itertools.product(*(taps for _, _, taps in region)):
-        starts, limits, strides = [0] * x.ndim, list(x.shape), [1] * x.ndim
-        flat = 0
-        for plan, (o0, o1, _), j in zip(plans, region, combo, strict=True):
-            first = o0 * plan.stride - plan.lo + j * plan.dilation
-            starts[plan.axis], strides[plan.axis] = first, plan.stride
-            limits[plan.axis] = first + (o1 - o0 - 1) * plan.stride + 1
-            flat = flat * plan.kernel + j
-        out.append((flat, lax.slice(x, starts, limits, strides)))
-    return out
-
-
-def _region_winners(x, plans, region, dtype):
-    """Max and (``dtype`` given) flat winner offsets of the outputs in ``region``."""
-    taps = _region_taps(x, plans, region)
-    if not taps:  # the window reads padding only: tap 0 (padding) has a zero tangent
-        shape = list(x.shape)
-        for plan, (o0, o1, _) in zip(plans, region, strict=True):
-            shape[plan.axis] = o1 - o0
-        return jnp.full(shape, -jnp.inf, x.dtype), jnp.zeros(shape, dtype or jnp.int8)
-    v = taps[0][1]
-    for _, tap in taps[1:]:
-        v = lax.max(v, tap)
-    if dtype is None:
-        return v, None
-    first = jnp.full(v.shape, taps[-1][0], dtype)
-    for j, tap in reversed(taps[:-1]):
-        first = jnp.where(tap == v, jnp.asarray(j, dtype), first)
-    last_nan = jnp.full(v.shape, taps[0][0], dtype)
-    for j, tap in taps[1:]:
-        last_nan = jnp.where(jnp.isnan(tap), jnp.asarray(j, dtype), last_nan)
-    return v, jnp.where(jnp.isnan(v), last_nan, first)
-
-
-def _regions(plans, split: bool):
-    """Products of runs, the largest first; with ``split`` never a single one (see
-    :func:`joint_max`)."""
-    regions = sorted(
-        itertools.product(*(_runs(p) for p in plans)),
-        key=lambda region: -int(np.prod([o1 - o0 for o0, o1, _ in region])),
-    )
-    if split and len(regions) == 1 and plans[0].out > 1:
-        (o0, o1, taps), *rest = regions[0]
-        regions = [((o0 + 1, o1, taps), *rest), ((o0, o0 + 1, taps), *rest)]
-    return regions
+def _winners(parts, dtype):
+    """The flat tap index of each window's winner in one sparse block of :func:`box_map`
+    (padding taps are None; at least one is not)."""
+    real = [(j, part) for j, part in enumerate(parts) if part is not None]
+    value = functools.reduce(lax.max, [part for _, part in real])
+    first = jnp.full(value.shape, real[-1][0], dtype)
+    for j, part in reversed(real[:-1]):
+        first = jnp.where(part == value, jnp.asarray(j, dtype), first)
+    last_nan = jnp.full(value.shape, real[0][0], dtype)
+    for j, part in real[1:]:
+        last_nan = jnp.where(jnp.isnan(part), jnp.asarray(j, dtype), last_nan)
+    return jnp.where(jnp.isnan(value), last_nan, first)
 
 
 def joint_max(x, plans, offsets: bool = True):
     """The max over every window and, with ``offsets``, per output the row-major flat tap index
-    of its winner (PyTorch's tie rule; else None).
+    of its winner (PyTorch's tie rule; else None): the first tap equal to the max, or where the
+    max is NaN the last NaN tap, padding never.
 
-    The regions are written into the result with ``dynamic_update_slice``, which XLA stores as
-    it goes. A single region is split in two on purpose: XLA would otherwise fuse the compares
-    into the gradient's loop and evaluate them again for every tap of every input element
-    (max 2x2x2 stride 2 on (4, 16, 56, 56, 32) forward+backward: 13 ms against 2.6 ms).
+    Both come from :func:`jaxconv._src.boxmap.box_map` (strided slices, no padding read). The
+    offsets are stored: fused into the gradient's loop, XLA would evaluate the compares again
+    for every tap of every input element (max 2x2x2 stride 2 on (4, 16, 56, 56, 32) forward plus
+    backward: 13 ms against 2.6 ms).
     """
-    dtype = _flat_dtype(int(np.prod([p.kernel for p in plans]))) if offsets else None
     shape = list(x.shape)
     for plan in plans:
         shape[plan.axis] = plan.out
-    value = jnp.zeros(shape, x.dtype)
-    winners = jnp.zeros(shape, dtype) if offsets else None
-    for region in _regions(plans, split=offsets):
-        start = [0] * x.ndim
-        for plan, (o0, _, _) in zip(plans, region, strict=True):
-            start[plan.axis] = o0
-        v, off = _region_winners(x, plans, region, dtype)
-        value = lax.dynamic_update_slice(value, v, start)
-        if offsets:
-            winners = lax.dynamic_update_slice(winners, off, start)
-    return value, winners
+
+    def maximum(parts, ranges):
+        real = [part for part in parts if part is not None]
+        if not real:
+            return jnp.full(_block_shape(shape, plans, ranges), -jnp.inf, x.dtype)
+        return functools.reduce(lax.max, real)
+
+    value = box_map(x, plans, maximum, None, sparse=True)
+    if not offsets:
+        return value, None
+    dtype = _flat_dtype(int(np.prod([p.kernel for p in plans])))
+
+    def winners(parts, ranges):
+        if all(part is None for part in parts):  # padding only: tap 0 has a zero tangent
+            return jnp.zeros(_block_shape(shape, plans, ranges), dtype)
+        return _winners(parts, dtype)
+
+    return value, box_map(x, plans, winners, None, sparse=True, store=True)
+
+
+def _block_shape(shape, plans, ranges):
+    block = list(shape)
+    for plan, (start, stop) in zip(plans, ranges, strict=True):
+        block[plan.axis] = stop - start
+    return block
+
+
+def joint_index(offsets, plans, sizes):
+    """PyTorch's flat index (int32, row-major over the unpadded spatial ``sizes``) of each
+    winner given by its flat tap ``offsets``."""
+    rest = offsets.astype(jnp.int32)
+    index, scale = None, 1
+    for plan, size in zip(reversed(plans), reversed(sizes), strict=True):
+        rest, j = jnp.divmod(rest, plan.kernel)
+        term = tap_position(plan, j) * scale
+        index = term if index is None else index + term
+        scale *= size
+    return index
 
 
 def _phase_geometry(plan: AxisPlan):

@@ -54,8 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jaxconv._src.argmax import select_max
 from jaxconv._src.args import check_bool, check_floating
-from jaxconv._src.select import select_max
 from jaxconv._src.window import tap_valid, window_spec
 
 _FNAME = "max_pool"

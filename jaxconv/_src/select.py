@@ -142,7 +142,7 @@ def _use_reduce_window(plan) -> bool:
     return plan.span > plan.stride or plan.lo > 0 or plan.hi_needed > 0
 
 
-def _window_args(plan: AxisPlan, ndim: int):
+def window_args(plan: AxisPlan, ndim: int):
     """``lax.reduce_window`` dimensions, strides, padding and dilation for one axis."""
     dims, strides, dil = [1] * ndim, [1] * ndim, [1] * ndim
     pads = [(0, 0)] * ndim
@@ -151,7 +151,7 @@ def _window_args(plan: AxisPlan, ndim: int):
     return dict(window_dimensions=dims, window_strides=strides, padding=pads, window_dilation=dil)
 
 
-def _crop(x, plan: AxisPlan):
+def crop_out(x, plan: AxisPlan):
     return lax.slice_in_dim(x, 0, plan.out, 1, plan.axis)
 
 
@@ -159,7 +159,7 @@ def _axis_values(x, plan, a):
     """Max along one plan's axis, values only (``lax.max`` propagates NaN)."""
     fill = jnp.asarray(-jnp.inf, x.dtype)
     if _use_reduce_window(plan):
-        return _crop(lax.reduce_window(x, fill, lax.max, **_window_args(plan, x.ndim)), plan)
+        return crop_out(lax.reduce_window(x, fill, lax.max, **window_args(plan, x.ndim)), plan)
     value_taps = plan.taps(x, fill, a)
     x = value_taps[0]
     for tap in value_taps[1:]:
@@ -173,21 +173,21 @@ def max_values(x, aux, plans):
     The value does not depend on which maximum wins, so the primal (no tangent) skips the tie
     rule's compares and offsets.
     """
-    if _joint(plans):
+    if joint_path(plans):
         return joint_max(x, plans, offsets=False)[0]
     for plan, a in zip(reversed(plans), reversed(aux), strict=True):
         x = _axis_values(x, plan, a)
     return x
 
 
-def _position_dtype(size: int):
+def position_dtype(size: int):
     """The smallest integer dtype holding positions ``[0, size)`` and a larger padding mark."""
     if size < 127:
         return jnp.int8
     return jnp.int16 if size < 32767 else jnp.int32
 
 
-def _later_wins(a, b):
+def later_wins(a, b):
     """PyTorch's tie rule as a total order on ``(value, position)``: NaN above all (the later
     NaN higher), then the larger value, then the earlier position. Associative and
     commutative, so ``reduce_window`` may combine in any order."""
@@ -203,11 +203,11 @@ def _argmax_window(x, plan: AxisPlan):
 
     Padding reads as ``(-inf, largest position)``, so it never wins, not even against ``-inf``.
     """
-    dtype = _position_dtype(plan.size)
+    dtype = position_dtype(plan.size)
     position = lax.broadcasted_iota(dtype, x.shape, plan.axis)
     init = (jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(jnp.iinfo(dtype).max, dtype))
-    value, where = lax.reduce_window((x, position), init, _later_wins, **_window_args(plan, x.ndim))
-    value, where = _crop(value, plan), _crop(where, plan)
+    value, where = lax.reduce_window((x, position), init, later_wins, **window_args(plan, x.ndim))
+    value, where = crop_out(value, plan), crop_out(where, plan)
     start = along(np.arange(plan.out) * plan.stride - plan.lo, plan.axis, x.ndim)
     offset = (where.astype(jnp.int32) - jnp.asarray(start, jnp.int32)) // plan.dilation
     return value, offset.astype(offset_dtype(plan.kernel))
@@ -354,7 +354,7 @@ def max_reduce(x, aux, plans):
     return max_values(x, aux, plans)
 
 
-def _joint(plans) -> bool:
+def joint_path(plans) -> bool:
     """Regular windows of few taps that do not tile with >= 4 taps: :mod:`jaxconv._src.joint`."""
     return use_joint(plans) and not any(_blocked(p) for p in plans)
 
@@ -363,7 +363,7 @@ def _joint(plans) -> bool:
 def _max_reduce_jvp(plans, primals, tangents):
     x, aux = primals
     t, _ = tangents
-    if _joint(plans):
+    if joint_path(plans):
         value, offsets = joint_max(x, plans)
         return value, joint_pick(t, plans, offsets)
     stages = []
@@ -373,111 +373,3 @@ def _max_reduce_jvp(plans, primals, tangents):
     for plan, a, offset in zip(reversed(plans), reversed(aux), stages, strict=True):
         t = _axis_pick(t, plan, a, offset, plan is plans[-1])
     return x, t
-
-
-def select_max(x, aux, plans, return_indices: bool):
-    """The max over the plans' windows, and with ``return_indices`` the winners' flat indices.
-
-    float16 and bfloat16 select in float32: exact (the conversion keeps order, ties and NaN)
-    and, on CPU, several times faster than XLA's loops over 16-bit types.
-    """
-    wide = x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
-    if not return_indices:
-        return max_reduce(wide, aux, plans).astype(x.dtype)
-    values, index = max_and_index(wide, aux, plans, tuple(p.size for p in plans))
-    return values.astype(x.dtype), index
-
-
-def max_and_index(x, aux, plans, sizes):
-    """``max_reduce`` and the winners' :func:`flat_index` (int32, no tangent) in one pass.
-
-    Regular plans carry the winner's flat position through one variadic ``reduce_window`` per
-    axis (row-major order is flat-position order, so the tie rule compares positions); other
-    plans fold their taps.
-    """
-    if all(isinstance(plan, AxisPlan) for plan in plans):
-        value, index, _ = _flat_argmax(x, plans, sizes)
-        return value, index
-    return _max_and_index_folded(x, aux, plans, sizes)
-
-
-def _carry_winner(a, b):
-    """:func:`_later_wins` on ``(value, position)`` that also carries payloads (the earlier
-    axes' winning positions). Within one axis's window the positions differ, so comparing them
-    is comparing row-major order."""
-    value, position = _later_wins(a[:2], b[:2])
-    b_won = position == b[1]
-    payloads = [jnp.where(b_won, pb, pa) for pa, pb in zip(a[2:], b[2:], strict=True)]
-    return (value, position, *payloads)
-
-
-def _flat_argmax_stages(x, plans, sizes):
-    """Value, flat index and per-step tap offsets of the winners of regular plans.
-
-    Each axis is one variadic ``reduce_window`` over ``(value, position along the axis,
-    positions won on the axes already reduced)``, positions in the smallest integer dtype.
-    """
-    payloads, stages = [], []
-    for plan in reversed(plans):
-        dtype = _position_dtype(plan.size)
-        position = lax.broadcasted_iota(dtype, x.shape, plan.axis)
-        init = [jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(jnp.iinfo(dtype).max, dtype)]
-        init += [jnp.zeros((), p.dtype) for p in payloads]
-        args = _window_args(plan, x.ndim)
-        x, where, *payloads = lax.reduce_window(
-            (x, position, *payloads), tuple(init), _carry_winner, **args
-        )
-        x, where = _crop(x, plan), _crop(where, plan)
-        payloads = [_crop(p, plan) for p in payloads] + [where]
-        start = along(np.arange(plan.out) * plan.stride - plan.lo, plan.axis, x.ndim)
-        offset = (where.astype(jnp.int32) - jnp.asarray(start, jnp.int32)) // plan.dilation
-        stages.append(offset.astype(offset_dtype(plan.kernel)))
-    index = None
-    for where, size in zip(reversed(payloads), sizes, strict=True):
-        where = where.astype(jnp.int32)
-        index = where if index is None else index * size + where
-    return x, index, stages
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _flat_argmax(x, plans, sizes):
-    return _flat_argmax_stages(x, plans, sizes)
-
-
-@_flat_argmax.defjvp
-def _flat_argmax_jvp(plans, sizes, primals, tangents):
-    value, index, stages = _flat_argmax(primals[0], plans, sizes)
-    t = tangents[0]
-    for plan, offset in zip(reversed(plans), stages, strict=True):
-        t = phase_pick(t, plan, offset, shift_offsets=plan is not plans[-1])
-    no_tangent = [np.zeros(v.shape, jax.dtypes.float0) for v in (index, *stages)]
-    return (value, index, stages), (t, no_tangent[0], no_tangent[1:])
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _max_and_index_folded(x, aux, plans, sizes):
-    value, _, finals = max_stages(x, aux, plans)
-    return value, flat_index(finals, aux, plans, sizes)
-
-
-@_max_and_index_folded.defjvp
-def _max_and_index_folded_jvp(plans, sizes, primals, tangents):
-    x, aux = primals
-    t, _ = tangents
-    value, stages, finals = max_stages(x, aux, plans)
-    index = flat_index(finals, aux, plans, sizes)
-    no_tangent = np.zeros(index.shape, jax.dtypes.float0)
-    return (value, index), (pick(t, aux, plans, stages), no_tangent)
-
-
-def flat_index(finals, aux, plans, sizes):
-    """PyTorch's flat index of the winner in the unpadded spatial volume (row-major)."""
-    index = None
-    scale = 1
-    for plan, a, offset, size in zip(
-        reversed(plans), reversed(aux), finals, reversed(sizes), strict=True
-    ):
-        term = plan.position(offset, a) * scale
-        index = term if index is None else index + term
-        scale *= size
-    return index

@@ -1,0 +1,156 @@
+"""The entry point of max selection, and the winners' flat indices (``return_indices``).
+
+:func:`select_max` is what max, adaptive max and fractional max pooling call. With indices, the
+winner's flat row-major position in the unpadded spatial volume comes from the same selection
+as the value: from the flat tap offsets of :mod:`jaxconv._src.joint` for small regular windows,
+carried as payloads through one variadic ``reduce_window`` per axis for other regular windows,
+and from the tap fold for other plans. The values keep the tangent rule of
+:mod:`jaxconv._src.select`; the indices carry no derivative.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxconv._src.joint import joint_index, joint_max, joint_pick
+from jaxconv._src.select import (
+    crop_out,
+    joint_path,
+    later_wins,
+    max_reduce,
+    max_stages,
+    offset_dtype,
+    phase_pick,
+    pick,
+    position_dtype,
+    window_args,
+)
+from jaxconv._src.window import AxisPlan, along
+
+
+def select_max(x, aux, plans, return_indices: bool):
+    """The max over the plans' windows, and with ``return_indices`` the winners' flat indices.
+
+    float16 and bfloat16 select in float32: exact (the conversion keeps order, ties and NaN)
+    and, on CPU, several times faster than XLA's loops over 16-bit types.
+    """
+    wide = x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+    if not return_indices:
+        return max_reduce(wide, aux, plans).astype(x.dtype)
+    values, index = max_and_index(wide, aux, plans, tuple(p.size for p in plans))
+    return values.astype(x.dtype), index
+
+
+def max_and_index(x, aux, plans, sizes):
+    """``max_reduce`` and the winners' :func:`flat_index` (int32, no tangent) in one pass.
+
+    Small regular windows (:func:`jaxconv._src.select.joint_path`) turn their flat tap offsets
+    into positions; other regular plans carry the winner's flat position through one variadic
+    ``reduce_window`` per axis (row-major order is flat-position order, so the tie rule compares
+    positions); other plans fold their taps.
+    """
+    if joint_path(plans):
+        return _joint_max_and_index(x, plans, sizes)
+    if all(isinstance(plan, AxisPlan) for plan in plans):
+        value, index, _ = _flat_argmax(x, plans, sizes)
+        return value, index
+    return _max_and_index_folded(x, aux, plans, sizes)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _joint_max_and_index(x, plans, sizes):
+    value, offsets = joint_max(x, plans)
+    return value, joint_index(offsets, plans, sizes)
+
+
+@_joint_max_and_index.defjvp
+def _joint_max_and_index_jvp(plans, sizes, primals, tangents):
+    value, offsets = joint_max(primals[0], plans)
+    index = joint_index(offsets, plans, sizes)
+    no_tangent = np.zeros(index.shape, jax.dtypes.float0)
+    return (value, index), (joint_pick(tangents[0], plans, offsets), no_tangent)
+
+
+def _carry_winner(a, b):
+    """:func:`later_wins` on ``(value, position)`` that also carries payloads (the earlier
+    axes' winning positions). Within one axis's window the positions differ, so comparing them
+    is comparing row-major order."""
+    value, position = later_wins(a[:2], b[:2])
+    b_won = position == b[1]
+    payloads = [jnp.where(b_won, pb, pa) for pa, pb in zip(a[2:], b[2:], strict=True)]
+    return (value, position, *payloads)
+
+
+def _flat_argmax_stages(x, plans, sizes):
+    """Value, flat index and per-step tap offsets of the winners of regular plans.
+
+    Each axis is one variadic ``reduce_window`` over ``(value, position along the axis,
+    positions won on the axes already reduced)``, positions in the smallest integer dtype.
+    """
+    payloads, stages = [], []
+    for plan in reversed(plans):
+        dtype = position_dtype(plan.size)
+        position = lax.broadcasted_iota(dtype, x.shape, plan.axis)
+        init = [jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(jnp.iinfo(dtype).max, dtype)]
+        init += [jnp.zeros((), p.dtype) for p in payloads]
+        args = window_args(plan, x.ndim)
+        x, where, *payloads = lax.reduce_window(
+            (x, position, *payloads), tuple(init), _carry_winner, **args
+        )
+        x, where = crop_out(x, plan), crop_out(where, plan)
+        payloads = [crop_out(p, plan) for p in payloads] + [where]
+        start = along(np.arange(plan.out) * plan.stride - plan.lo, plan.axis, x.ndim)
+        offset = (where.astype(jnp.int32) - jnp.asarray(start, jnp.int32)) // plan.dilation
+        stages.append(offset.astype(offset_dtype(plan.kernel)))
+    index = None
+    for where, size in zip(reversed(payloads), sizes, strict=True):
+        where = where.astype(jnp.int32)
+        index = where if index is None else index * size + where
+    return x, index, stages
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _flat_argmax(x, plans, sizes):
+    return _flat_argmax_stages(x, plans, sizes)
+
+
+@_flat_argmax.defjvp
+def _flat_argmax_jvp(plans, sizes, primals, tangents):
+    value, index, stages = _flat_argmax(primals[0], plans, sizes)
+    t = tangents[0]
+    for plan, offset in zip(reversed(plans), stages, strict=True):
+        t = phase_pick(t, plan, offset, shift_offsets=plan is not plans[-1])
+    no_tangent = [np.zeros(v.shape, jax.dtypes.float0) for v in (index, *stages)]
+    return (value, index, stages), (t, no_tangent[0], no_tangent[1:])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _max_and_index_folded(x, aux, plans, sizes):
+    value, _, finals = max_stages(x, aux, plans)
+    return value, flat_index(finals, aux, plans, sizes)
+
+
+@_max_and_index_folded.defjvp
+def _max_and_index_folded_jvp(plans, sizes, primals, tangents):
+    x, aux = primals
+    t, _ = tangents
+    value, stages, finals = max_stages(x, aux, plans)
+    index = flat_index(finals, aux, plans, sizes)
+    no_tangent = np.zeros(index.shape, jax.dtypes.float0)
+    return (value, index), (pick(t, aux, plans, stages), no_tangent)
+
+
+def flat_index(finals, aux, plans, sizes):
+    """PyTorch's flat index of the winner in the unpadded spatial volume (row-major)."""
+    index = None
+    scale = 1
+    for plan, a, offset, size in zip(
+        reversed(plans), reversed(aux), finals, reversed(sizes), strict=True
+    ):
+        term = plan.position(offset, a) * scale
+        index = term if index is None else index + term
+        scale *= size
+    return index
