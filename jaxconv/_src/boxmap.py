@@ -113,8 +113,10 @@ def box_map(x: jax.Array, plans, fn, fill, *, sparse: bool = False, store: bool 
     be a tuple of same-shaped arrays; then each part is the tuple of their taps.
 
     ``sparse`` (``x`` one array): the borders are split further into blocks whose windows read
-    the same taps, and a tap that reads padding is None in ``parts`` (no padded slab: max 3x3
-    stride 2 padding 1 on (32, 56, 56, 64) forward 0.5 ms against 1.1 ms); ``fill`` is unused.
+    the same taps, and a tap that reads padding is None in ``parts`` instead of a slice of a
+    padded slab, so ``fn`` can tell padding from input (the max's winner must never be padding,
+    not even against an input of -inf); ``fill`` is unused. It runs as fast as the padded
+    borders (max 3x3 stride 2 padding 1 on (32, 56, 56, 64): 0.54 against 0.55-0.61 ms).
 
     ``store``: the result is always assembled with ``dynamic_update_slice`` (a single block is
     split in two), which XLA stores; otherwise it may fuse ``fn`` into a consumer that reads each
@@ -133,7 +135,9 @@ def box_map(x: jax.Array, plans, fn, fill, *, sparse: bool = False, store: bool 
     for plan in plans:
         shape[plan.axis] = plan.out
     out = jnp.zeros(shape, blocks[0][1].dtype)
-    # The largest block first: XLA writes it together with the zeros around it in one pass.
+    # The largest block first: XLA writes it together with the zeros around it in one pass;
+    # written last, the interior costs a second pass over the output (avg 3x3 stride 1 padding 1
+    # forward on (32, 56, 56, 64): 1.3 ms against 3.3 ms).
     for ranges, block in sorted(blocks, key=lambda b: -b[1].size):
         starts = [0] * block.ndim
         for plan, (start, _) in zip(plans, ranges, strict=True):
