@@ -17,6 +17,8 @@ lies in its own window picks that path, and the scatter otherwise, so any ``indi
 same result.
 """
 
+import functools
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -122,29 +124,60 @@ def _scatter_planes(values: jax.Array, indices: jax.Array, length: int, axis: in
 
 def _local_unpool(x, indices, axes, kernel, pads, sizes):
     """The output when every index lies in its own window (stride == window): each input
-    broadcast over its window, kept where its index names the position. Returns the output
-    and whether every index lies in its own window."""
+    broadcast over its window, kept where its index names the position."""
     k_of = dict(zip(axes, kernel, strict=True))
     expanded, wide = window_shapes(x.shape, k_of)
-    index = indices.astype(jnp.int32)
-    position, rem = jnp.zeros(wide, jnp.int32), index
-    local = (index >= 0) & (index < math.prod(sizes))
-    step = 1
+    position, step = jnp.zeros(wide, jnp.int32), 1
     for a, k, (lo, _), size in reversed(list(zip(axes, kernel, pads, sizes, strict=True))):
         w = a + sum(1 for b in axes if b < a)  # where axis a sits in the wide shape
         coord = lax.broadcasted_iota(jnp.int32, wide, w) * k
         coord = coord + lax.broadcasted_iota(jnp.int32, wide, w + 1) - lo
         position = position + coord * step
         step *= size
-        here, rem = rem % size, rem // size
-        local = local & ((here + lo) // k == lax.broadcasted_iota(jnp.int32, x.shape, a))
-    hit = index.reshape(expanded) == position
+    hit = indices.astype(jnp.int32).reshape(expanded) == position
     out = jnp.where(hit, x.reshape(expanded), jnp.zeros((), x.dtype))
     out = out.reshape([n * k_of.get(axis, 1) for axis, n in enumerate(x.shape)])
     config = [(0, 0, 0)] * x.ndim
     for a, (lo, _), size in zip(axes, pads, sizes, strict=True):
         config[a] = (-lo, lo + size - out.shape[a], 0)
-    return lax.pad(out, jnp.zeros((), x.dtype), config), jnp.all(local)
+    return lax.pad(out, jnp.zeros((), x.dtype), config)
+
+
+def _all_local(indices, axes, kernel, pads, sizes) -> jax.Array:
+    """Whether every index names a position inside its own window (stride == window).
+
+    Where the windows start at 0 and lie inside the output, an index is local when its distance
+    from its window's first position is one of the window's ``prod(kernel)`` offsets: a few
+    compares (max_unpool 2x2 on (32, 28, 28, 64): the check 0.2 ms against 0.7-1.1 ms with the
+    integer divisions below, which do not vectorise).
+    """
+    index = indices.astype(jnp.int32)
+    steps = [math.prod(sizes[i + 1 :]) for i in range(len(sizes))]
+    inside = all(
+        lo == 0 and indices.shape[a] * k <= size
+        for a, k, (lo, _), size in zip(axes, kernel, pads, sizes, strict=True)
+    )
+    if inside and math.prod(kernel) <= 16:
+        base = functools.reduce(
+            jnp.add,
+            [
+                lax.broadcasted_iota(jnp.int32, index.shape, a) * (k * step)
+                for a, k, step in zip(axes, kernel, steps, strict=True)
+            ],
+        )
+        distance = index - base
+        offsets = [
+            sum(j * step for j, step in zip(combo, steps, strict=True))
+            for combo in itertools.product(*(range(k) for k in kernel))
+        ]
+        local = functools.reduce(jnp.logical_or, [distance == o for o in offsets])
+        return jnp.all(local)
+    local = (index >= 0) & (index < math.prod(sizes))
+    rest = index
+    for a, k, (lo, _), size in reversed(list(zip(axes, kernel, pads, sizes, strict=True))):
+        here, rest = rest % size, rest // size
+        local = local & ((here + lo) // k == lax.broadcasted_iota(jnp.int32, index.shape, a))
+    return jnp.all(local)
 
 
 def _unpool_scatter(x, indices, axes, channel_axis, sizes):
@@ -231,11 +264,12 @@ def max_unpool(
     sizes = _output_sizes(output_size, default, strides, x.shape, axes)
     if strides != kernel:
         return _unpool_scatter(x, indices, axes, channel_axis, sizes)
-    fast, local = _local_unpool(x, indices, axes, kernel, pads, sizes)
+    # The broadcast runs inside the branch, which writes the result in place (computed outside
+    # and passed in, it was copied: max_unpool 2x2 on (32, 28, 28, 64) 3.0 ms against 1.5 ms).
     return lax.cond(
-        local,
-        lambda x, fast: fast,
-        lambda x, fast: _unpool_scatter(x, indices, axes, channel_axis, sizes),
+        _all_local(indices, axes, kernel, pads, sizes),
+        lambda x, indices: _local_unpool(x, indices, axes, kernel, pads, sizes),
+        lambda x, indices: _unpool_scatter(x, indices, axes, channel_axis, sizes),
         x,
-        fast,
+        indices,
     )
