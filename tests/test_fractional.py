@@ -70,15 +70,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_torch(case):
-    spatial, window, output_size, data_format, dtype = case
-    n = len(spatial)
-    rng = np.random.default_rng(CASES.index(case))
-    x_cf = rng.integers(-4, 5, (2, 3, *spatial)).astype(dtype)  # ties
-    x_cf[1, 0].flat[2:4] = np.nan  # two NaN in a window: the last one wins
-    u = rng.random((2, 3, n)).astype(dtype)
-    g_cf = rng.standard_normal((2, 3, *output_size)).astype(dtype)
+def assert_matches_torch(x_cf, u, g_cf, window, output_size, data_format):
+    """Output, indices and input gradient (with and without indices) equal PyTorch's."""
+    n, dtype = len(window), x_cf.dtype
     tx = torch.tensor(x_cf, requires_grad=True)
     ty, ti = TORCH_FRACTIONAL[n](
         tx,
@@ -97,6 +91,35 @@ def test_matches_torch(case):
     np.testing.assert_array_equal(from_layout(i, data_format), ti.numpy())
     np.testing.assert_allclose(from_layout(g, data_format), tg.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(from_layout(gp, data_format), tg.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_torch(case):
+    spatial, window, output_size, data_format, dtype = case
+    rng = np.random.default_rng(CASES.index(case))
+    x_cf = rng.integers(-4, 5, (2, 3, *spatial)).astype(dtype)  # ties
+    x_cf[1, 0].flat[2:4] = np.nan  # two NaN in a window: the last one wins
+    u = rng.random((2, 3, len(spatial))).astype(dtype)
+    g_cf = rng.standard_normal((2, 3, *output_size)).astype(dtype)
+    assert_matches_torch(x_cf, u, g_cf, window, output_size, data_format)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("off_grid", [False, True])
+def test_integer_alpha_on_and_off_the_grid(off_grid, data_format):
+    """2x2 windows at ratio 0.5 have alpha = 2: start i is 2i (a regular max pool) unless the
+    rounding of ``(i + u) * alpha`` moves a start, as a sample just below 1 does. Both cases
+    match PyTorch."""
+    rng = np.random.default_rng(5)
+    x_cf = rng.integers(-4, 5, (2, 3, 16, 12)).astype(np.float32)
+    x_cf[0, 1].flat[5:7] = np.nan
+    u = (rng.random((2, 3, 2)) * 0.5).astype(np.float32)
+    if off_grid:
+        u[1, 2, 0] = np.nextafter(np.float32(1), np.float32(0))
+    starts = np.asarray(torch_starts(jnp.asarray(u[..., 0]), 16, 8, 2))
+    assert np.any(starts != 2 * np.arange(8)) == off_grid
+    g_cf = rng.standard_normal((2, 3, 8, 6)).astype(np.float32)
+    assert_matches_torch(x_cf, u, g_cf, (2, 2), (8, 6), data_format)
 
 
 @pytest.mark.parametrize(

@@ -16,18 +16,23 @@ dtype exactly as PyTorch does (``alpha`` rounded to that dtype, then the product
 
 Graham's sequences live in :mod:`jaxconv._src.graham` and reuse this module's plan.
 
-Taps are gathers (``take_along_axis`` for per-channel starts, ``take`` for shared ones); the
-tangent stacks a window's taps with one gather (``FractionalPlan.window``), so reverse mode
-scatters once per axis instead of once per tap. With an integer PyTorch ``alpha`` (ratio 0.5,
-2x2, even sizes) the pick is a regular phase pick over a band (``FractionalPlan.pick``: pads and
-adds in reverse mode) and the winners are stored reductions (:mod:`jaxconv._src.select`). CPU,
-float32 NHWC (32, 56, 56, 64), 2x2 -> 28x28, medians in one process: forward about 4.5 ms (PyTorch
-channels_last 14-34 ms); forward plus backward about 38 ms (band pick alone 46, scatter 76)
-against PyTorch's 19 ms at low load. Known gaps: still about 2x PyTorch; non-integer ``alpha``
-(3x3, 56 -> 27) keeps the scatter: about 125 ms against 92 ms under load.
+With an integer ``alpha`` on every axis (2x2 at ratio 0.5 on even sizes) start ``i`` is
+``i*alpha`` unless rounding moved it (``u`` so close to 1 that ``i + u`` rounds up). Where no
+start moved, a ``lax.cond`` runs a regular max pool instead (:mod:`jaxconv._src.joint`).
+CPU, float32 NHWC (32, 56, 56, 64), 2x2 -> 28x28: forward plus backward 3.6 ms against 20.9 ms
+for the general path (PyTorch channels_last about 16 ms). Under ``vmap`` over the samples the
+condition is batched and both paths run.
+
+Otherwise taps are gathers (``take_along_axis`` for per-channel starts, ``take`` for shared ones);
+the tangent stacks a window's taps with one gather (``FractionalPlan.window``), so reverse mode
+scatters once per axis instead of once per tap. With an integer ``alpha`` off the grid, the pick
+is a regular phase pick over a band (``FractionalPlan.pick``: pads and adds in reverse mode).
+Non-integer ``alpha`` (3x3, 56 -> 27) keeps the scatter: about 125 ms against PyTorch's 92 ms
+under load.
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -348,11 +353,29 @@ def fractional_max_pool(
     check_fits(fname, sizes, outs, kernel)
     lead = x.shape[: min(axes[0], channel_axis)]
     u = lax.stop_gradient(_samples(fname, x, key, samples, n, lead, x.shape[channel_axis]))
-    plans, aux = [], []
+    plans, aux, starts = [], [], []
     rows = zip(axes, sizes, kernel, outs, strict=True)
     for i, (axis, size, k, out) in enumerate(rows):
-        start = torch_starts(u[..., i], size, out, k)
-        aux.append((_spread_starts(start, i, n, data_format == "channels_last"), None))
+        starts.append(torch_starts(u[..., i], size, out, k))
+        aux.append((_spread_starts(starts[-1], i, n, data_format == "channels_last"), None))
         step = (size - k) // (out - 1) if out > 1 and (size - k) % (out - 1) == 0 else None
         plans.append(FractionalPlan(axis, size, k, out, step if size < 2**24 else None))
-    return pool(x, tuple(plans), tuple(aux), return_indices)
+    plans, aux = tuple(plans), tuple(aux)
+    if any(p.step is None for p in plans):
+        return pool(x, plans, aux, return_indices)
+    # An integer alpha makes start i = i*alpha unless rounding of (i + u)*alpha moved it: then
+    # the windows are a regular max pool (several times faster, no gathers or scatters).
+    regular = tuple(AxisPlan(p.axis, p.size, p.kernel, p.step, 1, 0, 0, p.out) for p in plans)
+    on_grid = functools.reduce(
+        jnp.logical_and,
+        [
+            jnp.all(s == np.arange(p.out, dtype=np.int32) * p.step)
+            for s, p in zip(starts, plans, strict=True)
+        ],
+    )
+    return lax.cond(
+        on_grid,
+        lambda v: select_max(v, (None,) * n, regular, return_indices),
+        lambda v: pool(v, plans, aux, return_indices),
+        x,
+    )
