@@ -5,6 +5,7 @@ elsewhere the expected value follows from the definition (the max of equal value
 constant window) and is computed in float64. Every op runs under ``jax.jit``.
 """
 
+import functools
 import math
 import subprocess
 import sys
@@ -218,6 +219,31 @@ def test_adaptive_max_nan_and_inf_like_pytorch(seed):
     yt, it = F.adaptive_max_pool2d(torch.from_numpy(x), (4, 3), return_indices=True)
     np.testing.assert_array_equal(np.asarray(y), yt.numpy())
     np.testing.assert_array_equal(np.asarray(idx), it.numpy())
+
+
+@pytest.mark.parametrize("which", ["adaptive_max_pool", "max_pool"])
+def test_tiling_max_nan_and_inf_gradient_like_pytorch(which):
+    """Windows that tile the input with 4 or more taps per axis (their winners come from
+    reductions): NaN, inf and all -inf windows give PyTorch's values and gradient."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 16, 12)).astype(np.float32)
+    flat = x.reshape(-1)
+    pos = rng.choice(flat.size, 60, replace=False)
+    flat[pos] = rng.choice(SPECIALS, 60)
+    x[0, 0, :4, :4] = -np.inf
+    x[1, 2, 4:8, :4] = np.where(np.arange(16).reshape(4, 4) % 5 == 0, np.nan, 1.0)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    if which == "adaptive_max_pool":
+        yt = F.adaptive_max_pool2d(xt, (4, 3))
+        fn = functools.partial(op(which), output_size=(4, 3), data_format="channels_first")
+    else:
+        yt = F.max_pool2d(xt, 4, 4)
+        fn = functools.partial(op(which), window=(4, 4), stride=4, data_format="channels_first")
+    cot = np.cos(np.arange(yt.numel())).reshape(yt.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(cot))
+    y, vjp = jax.vjp(fn, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy())
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(cot))[0]), xt.grad.numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -291,14 +291,17 @@ def _stack(x, plan, a):
 def _stacked_stage(w, axis: int, k: int):
     """Winner along the window axis ``axis`` of stacked taps ``w``, from two reductions.
 
-    The max of the non-NaN taps (XLA's CPU max reduction may drop a NaN), then one max over a
-    key that ranks the taps by the tie rule: a NaN tap ``j`` ranks
-    ``k + j`` (the last NaN wins), a tap equal to the max ``k - 1 - j`` (the first wins), others
-    ``-1``. The offsets are a stored reduction result, so the tangent's transpose reads them
+    The plain max, then one max over a key that ranks the taps by the tie rule: a NaN tap ``j``
+    ranks ``k + j`` (the last NaN wins), a tap equal to the max ``k - 1 - j`` (the first wins),
+    others ``-1``. Windows holding a NaN are decided by the key alone and their value set to
+    NaN, whatever XLA's CPU max reduction (which may drop a NaN) returned for them; so the max
+    reads ``w`` as it is (masking NaN first made XLA write a masked copy of the input: adaptive
+    max 224 -> 7 on float32 NHWC (32, 224, 224, 64), forward plus backward 48-61 ms against
+    38 ms). The offsets are a stored reduction result, so the tangent's transpose reads them
     instead of recomputing the winners per input element.
     """
     nan = jnp.isnan(w)
-    value = jnp.max(jnp.where(nan, jnp.asarray(-jnp.inf, w.dtype), w), axis=axis)
+    value = jnp.max(w, axis=axis)
     dtype = jnp.int16 if 2 * k < 32767 else jnp.int32
     j = lax.broadcasted_iota(dtype, w.shape, axis)
     key = jnp.where(
