@@ -40,16 +40,16 @@ one ``lax.reduce_window`` (a max for the value; a variadic ``(value, position)``
 tie rule as its comparator for the derivative), and their tangent pick reshapes the axis into
 ``(blocks, stride)`` so that its transpose has no interior padding. Where the windows tile the axis
 (stride == kernel >= 4, no dilation or padding: adaptive 224 -> 7, max pool 4x4 stride 4) the axis
-is reshaped to ``(out, kernel)`` and the winners come from two reductions (the max of the non-NaN
-taps, then the tie rule's rank of each tap), so they are stored results: the fold's winners were
-re-evaluated by XLA inside the gradient's loop for every input element (adaptive max 224 -> 7 on
-float32 NHWC (32, 224, 224, 64), forward plus backward: about 1130 ms before, about 240 ms after,
-PyTorch channels_last about 240 ms in the same loaded run; 7 -> 1: 0.6 ms -> 0.1 ms). The tangent
-pick is then a reshape and one one-hot select. Measured slower than the fold for 2 and 3 taps
-(max pool 2x2 stride 2, (32, 56, 56, 64): 2.9 ms against 6.3 ms), so those keep the fold; 4x4
-stride 4 is mixed (56x56 input: 6.4 ms against the fold's 10.9; 112x112: 90 against 80), 8x8
-stride 8 a clear gain (112x112: 52 against 219). Other plans use the tap fold unless they ask for
-stored winners.
+is reshaped to ``(out, kernel)`` and the winners come from two reductions (the max, then the tie
+rule's rank of each tap, which also decides NaN windows), so they are stored results: the fold's
+winners were re-evaluated by XLA inside the gradient's loop for every input element (adaptive max
+224 -> 7 on float32 NHWC (32, 224, 224, 64), forward plus backward: about 1130 ms before, about
+240 ms after, PyTorch channels_last about 240 ms in the same loaded run; 7 -> 1: 0.6 ms -> 0.1
+ms). The tangent pick is then a reshape and one one-hot select. Measured slower than the fold for
+2 and 3 taps (max pool 2x2 stride 2, (32, 56, 56, 64): 2.9 ms against 6.3 ms), so those keep the
+fold; 4x4 stride 4 is mixed (56x56 input: 6.4 ms against the fold's 10.9; 112x112: 90 against
+80), 8x8 stride 8 a clear gain (112x112: 52 against 219). Other plans use the tap fold unless
+they ask for stored winners.
 """
 
 import functools
