@@ -162,6 +162,8 @@ def test_program_size_does_not_grow_with_output(op, size, small, large):
 
 GRAD_CASES = [
     ("avg", (12, 7), 1),
+    ("avg", (3, 2), 2),  # 9 -> 3 tiles, 7 -> 2 is 4 at step 3: the regular windows' tangent
+    ("avg", (1, 1), 2),
     ("max", (4, 3), 2),
     ("max", (12, 7), 1),
     ("max", (1, None), 1),

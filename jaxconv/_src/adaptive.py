@@ -18,14 +18,17 @@ backward about 2.5 ms (PyTorch about 1.1 ms; this module's own taps measured abo
 plus backward about 240 ms against PyTorch's 240 ms in one loaded run (it was about 1130 ms in
 that run with the tap fold, whose winners XLA re-evaluated inside the gradient's loop).
 
-Average sums the taps under their masks and divides by the window length, one axis at a time,
-as PyTorch does (no cumulative sum, which loses precision on long axes); where a sum overflows
-it is redone on the input scaled by an exact power of two. Its fast
-paths: an axis with ``In % Out == 0`` is summed after a reshape (all such axes in one
-reduction), and ``Out == In`` axes are skipped.
+Average skips ``Out == In`` axes. Where every other axis has windows of one length at a fixed
+step (``In % Out == 0``, ``Out == 1``, 50 -> 7), the windows are avg_pool's regular windows
+without padding: summed as avg_pool sums them, divided once by the window size (PyTorch's
+sum-then-divide), and differentiated through a tangent of reshapes and strided slices
+(:func:`_regular_mean`). Otherwise each axis sums its taps under their masks and divides by the
+window lengths, one axis at a time (no cumulative sum, which loses precision on long axes);
+where a sum overflows it is redone on the input scaled by an exact power of two.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -36,8 +39,9 @@ from jax.typing import ArrayLike
 
 from jaxconv._src.argmax import select_max
 from jaxconv._src.args import check_bool, check_floating, is_int, layout_axes, spatial_rank
+from jaxconv._src.avg import window_mean
 from jaxconv._src.boxmap import safe_mean, tile_sum
-from jaxconv._src.window import AxisPlan, along
+from jaxconv._src.window import AxisPlan, WindowSpec, along
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +168,41 @@ def _mean_masked(x, plan):
     return safe_mean(total, x, lengths, plan.kernel)
 
 
+def _regular_sum(t, plans):
+    """Window sums over regular windows without padding (``stride <= kernel``): per axis a
+    tiling reshape-and-sum plus ``kernel - stride`` strided slices. Linear, and its transpose
+    is broadcasts and edge pads."""
+    for p in plans:
+        tiled = lax.slice_in_dim(t, 0, p.out * p.stride, 1, p.axis)
+        shape = (*tiled.shape[: p.axis], p.out, p.stride, *tiled.shape[p.axis + 1 :])
+        total = jnp.sum(tiled.reshape(shape), axis=p.axis + 1)
+        for e in range(p.stride, p.kernel):
+            total = total + lax.slice_in_dim(t, e, e + (p.out - 1) * p.stride + 1, p.stride, p.axis)
+        t = total
+    return t
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _regular_mean(x, spec: WindowSpec):
+    """The average over windows of one length at a fixed step on every axis (50 -> 7: 8 at
+    step 7), computed as avg_pool computes it (:func:`~jaxconv._src.avg.window_mean`: strided
+    slices, no rescue pass under ``lax.cond`` unless the windows tile).
+
+    The tangent is :func:`_regular_sum`, whose transpose XLA runs fast; the transpose of the
+    slices is a sum of interior-padded copies. float32 NHWC (32, 50, 50, 64) -> 7x7, against the
+    masked taps under ``lax.cond``: forward 0.23-0.36 ms against 0.8 ms, forward plus backward
+    1.1-1.2 ms against 2.7-3.3 ms; 224 -> 7: 27 ms against 41 ms.
+    """
+    return window_mean(x, spec, float(spec.window_size))
+
+
+@_regular_mean.defjvp
+def _regular_mean_jvp(spec, primals, tangents):
+    (t,) = tangents
+    tangent = _regular_sum(t, spec.plans) / jnp.asarray(spec.window_size, t.dtype)
+    return _regular_mean(primals[0], spec), tangent
+
+
 def adaptive_avg_pool(
     x: ArrayLike, output_size, *, data_format: str = "channels_last"
 ) -> jax.Array:
@@ -195,9 +234,14 @@ def adaptive_avg_pool(
     fname = "adaptive_avg_pool"
     x = check_floating(fname, "x", x)
     plans = adaptive_plans(fname, x.shape, output_size, data_format)
+    channel = layout_axes(fname, x.ndim, len(plans), data_format)[1]
     plans = tuple(p for p in plans if p.out != p.size)
     compute = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
     mean = x.astype(compute)
+    regular = tuple(_as_regular(p) for p in plans)
+    if regular and all(isinstance(p, AxisPlan) for p in regular):
+        spec = WindowSpec(regular, channel, x.ndim, False)
+        return _regular_mean(mean, spec).astype(x.dtype)
     divisible = tuple(p for p in plans if p.size % p.out == 0)
     if divisible:
         mean = _mean_divisible(mean, divisible)

@@ -88,24 +88,29 @@ def window_mean(x: jax.Array, spec: WindowSpec, div) -> jax.Array:
     time. (On CPU the box pass is faster for small tiling windows: avg 2x2 stride 2 forward on
     float32 NHWC (32, 56, 56, 64) 0.36 ms against 0.98 ms for the reshape; the adjoint of any
     tiling window is the broadcast of :func:`~jaxconv._src.boxmap.tile_spread`, 3-D 2x2x2 on
-    (4, 16, 56, 56, 32) forward plus backward 1.8 ms against 7.7 ms.) Otherwise ``x`` and
-    ``div`` are first scaled by the same power of two ``2^-e >= 1/window_size``: exact (both
-    only change exponent), and no partial sum can overflow, so the mean of representable
-    values stays representable.
+    (4, 16, 56, 56, 32) forward plus backward 1.8 ms against 7.7 ms.) Otherwise the taps and
+    ``div`` are scaled by the same power of two ``2^-e >= 1/window_size``: exact (both only
+    change exponent), and no partial sum can overflow, so the mean of representable values
+    stays representable. The taps are scaled inside the block loops: scaling ``x`` first wrote
+    a scaled copy of it when the axes go one at a time (8x8 stride 7 on (32, 50, 50, 64)
+    forward: 0.9 ms against 0.3 ms).
     """
     if tiles(spec.plans) and spec.window_size > BOX_LIMIT:  # a scalar divisor: no padding read
         return safe_mean(lambda v: tile_sum(v, spec.plans), x, div, spec.window_size)
     scale = 2.0 ** -math.ceil(math.log2(spec.window_size))
-    x = x * jnp.asarray(scale, x.dtype)
     div = div * scale
     if spec.window_size <= BOX_LIMIT:
 
         def mean(parts, ranges):
             return _divide(_add_all(parts), div, spec.plans, ranges)
 
-        return box_map(x, spec.plans, mean, 0)
-    for plan in spec.plans:
-        x = box_map(x, (plan,), _add_all, 0)
+        return box_map(x * jnp.asarray(scale, x.dtype), spec.plans, mean, 0)
+
+    def scaled_sum(parts, _ranges):  # scaled per tap: a scaled copy of x would be written out
+        return _add_all([part * jnp.asarray(scale, x.dtype) for part in parts])
+
+    for i, plan in enumerate(spec.plans):
+        x = box_map(x, (plan,), _add_all if i else scaled_sum, 0)
     return _divide(x, div, (), ())
 
 
