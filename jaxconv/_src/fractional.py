@@ -360,11 +360,15 @@ def fractional_max_pool(
         aux.append((_spread_starts(starts[-1], i, n, data_format == "channels_last"), None))
         step = (size - k) // (out - 1) if out > 1 and (size - k) % (out - 1) == 0 else None
         plans.append(FractionalPlan(axis, size, k, out, step if size < 2**24 else None))
-    plans, aux = tuple(plans), tuple(aux)
+    return _pool_fractional(x, tuple(plans), tuple(aux), starts, return_indices)
+
+
+def _pool_fractional(x, plans, aux, starts, return_indices):
+    """:func:`pool` over PyTorch's windows. With an integer alpha on every axis, start ``i`` is
+    ``i*alpha`` unless rounding of ``(i + u)*alpha`` moved it; where no start moved, a
+    ``lax.cond`` runs the regular max pool instead (no gathers or scatters)."""
     if any(p.step is None for p in plans):
         return pool(x, plans, aux, return_indices)
-    # An integer alpha makes start i = i*alpha unless rounding of (i + u)*alpha moved it: then
-    # the windows are a regular max pool (several times faster, no gathers or scatters).
     regular = tuple(AxisPlan(p.axis, p.size, p.kernel, p.step, 1, 0, 0, p.out) for p in plans)
     on_grid = functools.reduce(
         jnp.logical_and,
@@ -375,7 +379,7 @@ def fractional_max_pool(
     )
     return lax.cond(
         on_grid,
-        lambda v: select_max(v, (None,) * n, regular, return_indices),
+        lambda v: select_max(v, (None,) * len(plans), regular, return_indices),
         lambda v: pool(v, plans, aux, return_indices),
         x,
     )
