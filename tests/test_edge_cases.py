@@ -480,3 +480,87 @@ def test_short_unstrided_axis_beside_a_strided_one_does_not_crash_the_compiler()
         [sys.executable, "-c", GROUP_WINDOW_REPRO], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _half_specials(shape, dtype, seed):
+    """Random values in ``dtype`` with NaN of both signs, +-inf, +-0, subnormals, the largest
+    finite values and ties."""
+    rng = np.random.default_rng(seed)
+    big, tiny = float(jnp.finfo(dtype).max), float(jnp.finfo(dtype).smallest_subnormal)
+    specials = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, big, -big, tiny, -tiny, 1, 1])
+    x = rng.standard_normal(shape)
+    flat = x.reshape(-1)
+    pos = rng.choice(flat.size, flat.size // 6, replace=False)
+    flat[pos] = rng.choice(specials, pos.size)
+    x[(0, 0, *[slice(0, 2)] * (len(shape) - 2))] = -np.inf
+    return np.array(jnp.asarray(x, dtype).astype(jnp.float32))
+
+
+@pytest.mark.parametrize(
+    ("shape", "name", "args", "kwargs"),
+    [
+        ((2, 3, 9, 11), "max_pool2d", ((3, 3), 2, 1), {}),
+        ((2, 3, 9, 11), "max_pool2d", ((5, 4), 2, 2), {"ceil_mode": True}),
+        ((2, 3, 12, 8), "max_pool2d", ((4, 4),), {}),
+        ((2, 3, 5, 6, 5), "max_pool3d", ((2, 2, 2), 2, 1), {"ceil_mode": True}),
+        ((2, 3, 17), "max_pool1d", ((3,), 1, 1), {}),
+        ((2, 3, 9, 11), "adaptive_max_pool2d", ((4, 3),), {}),
+        ((2, 3, 16, 16), "adaptive_max_pool2d", ((2, 4),), {}),
+    ],
+)
+@pytest.mark.parametrize(
+    ("dtype", "tdtype"), [(jnp.float16, torch.float16), (jnp.bfloat16, torch.bfloat16)]
+)
+def test_half_max_values_like_pytorch(shape, name, args, kwargs, dtype, tdtype):
+    """16-bit max without indices (int16 order keys) on NaN of either sign, +-inf, +-0,
+    subnormals, the largest finite values, ties and all -inf windows: PyTorch's values in the
+    same dtype (signed zeros compare equal), subnormal winners included, and its gradient
+    (small integer cotangents, so every sum is exact in the dtype)."""
+    x = _half_specials(shape, dtype, len(shape) + len(args))
+    xt = torch.from_numpy(x).to(tdtype).requires_grad_(True)
+    yt = getattr(F, name)(xt, *args, **kwargs)
+    cot = np.random.default_rng(0).integers(-3, 4, yt.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(cot).to(tdtype))
+    f = op("adaptive_max_pool" if name.startswith("adaptive") else "max_pool")
+
+    def pool_and_grad(v):
+        y, vjp = jax.vjp(lambda v: f(v, *args, **kwargs, data_format="channels_first"), v)
+        return y, vjp(jnp.asarray(cot, dtype))[0]
+
+    y, g = jax.jit(pool_and_grad)(jnp.asarray(x, dtype))
+    chex.assert_type([y, g], dtype)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), yt.detach().float().numpy())
+    np.testing.assert_array_equal(np.asarray(g, np.float32), xt.grad.float().numpy())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tdtype"), [(jnp.float16, torch.float16), (jnp.bfloat16, torch.bfloat16)]
+)
+@pytest.mark.parametrize(
+    ("window", "stride", "padding"), [((3, 3), 1, 0), ((3, 3), 2, 1), ((2, 2), 2, 0)]
+)
+def test_half_max_signed_zero_ties_like_pytorch(window, stride, padding, dtype, tdtype):
+    """-0 and +0 tie, so the first zero wins and takes the gradient, as in PyTorch."""
+    rng = np.random.default_rng(3)
+    x = rng.choice(np.array([0.0, -0.0, -1.0], np.float32), size=(2, 3, 9, 8))
+    xt = torch.from_numpy(x).to(tdtype).requires_grad_(True)
+    yt = F.max_pool2d(xt, window, stride, padding)
+    cot = rng.integers(1, 4, yt.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(cot).to(tdtype))
+    pool = functools.partial(
+        op("max_pool"), window=window, stride=stride, padding=padding, data_format="channels_first"
+    )
+    g = jax.jit(jax.grad(lambda v: jnp.sum(pool(v) * jnp.asarray(cot, dtype))))(
+        jnp.asarray(x, dtype)
+    )
+    np.testing.assert_array_equal(np.asarray(g, np.float32), xt.grad.float().numpy())
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_max_padding_only_window_is_minus_inf(dtype):
+    """A window that reads padding only (length 1, k=2, dilation 2, padding 1) is -inf, as in
+    float32, not the NaN below every int16 order key."""
+    x = jnp.full((1, 1, 1), 2.0, dtype)
+    y = jax.jit(lambda v: op("max_pool")(v, (2,), 1, 1, dilation=2))(x)
+    chex.assert_type(y, dtype)
+    np.testing.assert_array_equal(np.asarray(y, np.float32).reshape(-1), [-np.inf])

@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.boxmap import box_map
+from jaxconv._src.order import is_nan
 from jaxconv._src.window import AxisPlan, tap_position
 
 # Windows of more taps keep the per-axis derivative: the joint pick visits every tap for every
@@ -67,14 +68,14 @@ def _winners(parts, dtype):
         first = jnp.where(part == value, jnp.asarray(j, dtype), first)
     last_nan = jnp.full(value.shape, -1, dtype)
     for j, part in real:
-        last_nan = jnp.where(jnp.isnan(part), jnp.asarray(j, dtype), last_nan)
+        last_nan = jnp.where(is_nan(part), jnp.asarray(j, dtype), last_nan)
     return jnp.where(last_nan >= 0, last_nan, first)
 
 
-def joint_max(x, plans, offsets: bool = True):
+def joint_max(x, plans, offsets: bool = True, fill=-jnp.inf):
     """The max over every window and, with ``offsets``, per output the row-major flat tap index
     of its winner (PyTorch's tie rule; else None): the first tap equal to the max, or where the
-    max is NaN the last NaN tap, padding never.
+    max is NaN the last NaN tap, padding never. Windows that read padding only hold ``fill``.
 
     Both come from :func:`jaxconv._src.boxmap.box_map` (strided slices, no padding read). The
     offsets are stored: fused into the gradient's loop, XLA would evaluate the compares again
@@ -88,7 +89,7 @@ def joint_max(x, plans, offsets: bool = True):
     def maximum(parts, ranges):
         real = [part for part in parts if part is not None]
         if not real:
-            return jnp.full(_block_shape(shape, plans, ranges), -jnp.inf, x.dtype)
+            return jnp.full(_block_shape(shape, plans, ranges), fill, x.dtype)
         return functools.reduce(lax.max, real)
 
     value = box_map(x, plans, maximum, None, sparse=True)

@@ -155,9 +155,8 @@ def crop_out(x, plan: AxisPlan):
     return lax.slice_in_dim(x, 0, plan.out, 1, plan.axis)
 
 
-def _axis_values(x, plan, a):
+def _axis_values(x, plan, a, fill):
     """Max along one plan's axis, values only (``lax.max`` propagates NaN)."""
-    fill = jnp.asarray(-jnp.inf, x.dtype)
     if _use_reduce_window(plan):
         return crop_out(lax.reduce_window(x, fill, lax.max, **window_args(plan, x.ndim)), plan)
     value_taps = plan.taps(x, fill, a)
@@ -167,16 +166,17 @@ def _axis_values(x, plan, a):
     return x
 
 
-def max_values(x, aux, plans):
-    """Max over the window without the winners.
+def max_values(x, aux, plans, fill=None):
+    """Max over the window without the winners; padding reads ``fill`` (default ``-inf``).
 
     The value does not depend on which maximum wins, so the primal (no tangent) skips the tie
-    rule's compares and offsets.
+    rule's compares and offsets. ``x`` may hold the int16 keys of :mod:`jaxconv._src.order`.
     """
+    fill = jnp.asarray(-jnp.inf, x.dtype) if fill is None else fill
     if joint_path(plans):
-        return joint_max(x, plans, offsets=False)[0]
+        return joint_max(x, plans, offsets=False, fill=fill)[0]
     for plan, a in zip(reversed(plans), reversed(aux), strict=True):
-        x = _axis_values(x, plan, a)
+        x = _axis_values(x, plan, a, fill)
     return x
 
 
