@@ -191,6 +191,50 @@ def test_half_precision_accumulates_in_float32(dtype):
     np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=1e-2)
 
 
+@pytest.mark.parametrize(
+    ("shape", "window", "stride", "padding"),
+    [
+        ((2, 9, 8, 3), (3, 3), 1, 1),
+        ((2, 9, 8, 3), (3, 3), 2, 1),
+        ((2, 8, 8, 3), (2, 2), 2, 0),
+        ((2, 33, 5), (3,), 2, 0),
+        ((2, 33, 5), (3,), 1, 1),
+        ((1, 5, 6, 5, 2), (3, 3, 3), 1, 1),
+    ],
+)
+def test_bfloat16_is_the_float32_result_rounded_to_nearest_even(shape, window, stride, padding):
+    """bfloat16 values and input gradients are the float32 ones rounded to nearest even (NaN,
+    inf and sums beyond bfloat16's range included): the same bits, or the neighbour where XLA
+    fused the float32 arithmetic differently (one ulp of float32 can cross a rounding tie).
+    Reverse over reverse works."""
+    rng = np.random.default_rng(len(shape) + stride + padding)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[rng.choice(x.size, 6, replace=False)] = [
+        np.nan,
+        np.inf,
+        -np.inf,
+        3e38,
+        3e38,
+        -3e38,
+    ]
+    xb = jnp.asarray(x, jnp.bfloat16)
+    pool = lambda v: jaxconv.avg_pool(v, window, stride, padding)  # noqa: E731
+    y, vjp = jax.vjp(pool, xb)
+    cot = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
+    y32, vjp32 = jax.vjp(pool, xb.astype(jnp.float32))
+    want = [np.asarray(y32), np.asarray(vjp32(cot.astype(jnp.float32))[0])]
+    for got, expected in zip([y, jax.jit(lambda c: vjp(c)[0])(cot)], want, strict=True):
+        chex.assert_type(got, jnp.bfloat16)
+        bits = np.asarray(got).view(np.uint16).astype(np.int32)
+        want_bits = expected.astype(jnp.bfloat16).view(np.uint16).astype(np.int32)
+        assert np.abs(bits - want_bits).max() <= 1
+        assert np.mean(bits == want_bits) > 0.99
+    second = jax.jit(
+        jax.grad(lambda v: jnp.sum(jax.grad(lambda u: jnp.sum(pool(u) * cot))(v) ** 2))
+    )
+    chex.assert_type(second(xb), jnp.bfloat16)
+
+
 def test_vmap_and_batch_axes():
     x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 2, 8, 8, 3)), jnp.float32)
     f = jax.jit(lambda x: jaxconv.avg_pool(x, (2, 2), 2, 1, count_include_pad=False))
