@@ -42,7 +42,9 @@ OPS = {
     "lp_pool2": lambda x: op("lp_pool")(x, 2.0, (2, 2), 1, 1),
     "lp_pool3.5": lambda x: op("lp_pool")(x, 3.5, (2, 2), 2),
     "lp_pool_inf": lambda x: op("lp_pool")(x, math.inf, (2, 2), 2),
+    "avg_pool_global": lambda x: op("avg_pool")(x, x.shape[-3:-1]),
     "adaptive_avg_pool": lambda x: op("adaptive_avg_pool")(x, (3, 2)),
+    "adaptive_avg_pool_global": lambda x: op("adaptive_avg_pool")(x, (1, 1)),
     "adaptive_max_pool": lambda x: op("adaptive_max_pool")(x, (3, 2)),
     "fractional_max_pool": lambda x: op("fractional_max_pool")(
         x, (2, 2), output_size=(3, 3), samples=_samples(x)
@@ -285,7 +287,16 @@ MAGNITUDES = [
 
 @pytest.mark.parametrize(("dtype", "scale"), MAGNITUDES)
 @pytest.mark.parametrize(
-    "name", ["max_pool", "avg_pool", "avg_pool_tiled", "adaptive_avg_pool", "adaptive_max_pool"]
+    "name",
+    [
+        "max_pool",
+        "avg_pool",
+        "avg_pool_tiled",
+        "avg_pool_global",
+        "adaptive_avg_pool",
+        "adaptive_avg_pool_global",
+        "adaptive_max_pool",
+    ],
 )
 def test_extreme_magnitudes_stay_finite(name, dtype, scale):
     """Averages and maxima of representable values are representable: no overflow inside."""

@@ -40,7 +40,7 @@ from jax.typing import ArrayLike
 from jaxconv._src.argmax import select_max
 from jaxconv._src.args import check_bool, check_floating, is_int, layout_axes, spatial_rank
 from jaxconv._src.avg import window_mean
-from jaxconv._src.boxmap import safe_mean, tile_sum
+from jaxconv._src.boxmap import compute_dtype, safe_mean, tile_sum
 from jaxconv._src.window import AxisPlan, WindowSpec, along
 
 
@@ -164,8 +164,8 @@ def _mean_masked(x, plan):
             out = term if out is None else out + term
         return out
 
-    lengths = jnp.asarray(along(plan.lengths, plan.axis, x.ndim).astype(np.float64), x.dtype)
-    return safe_mean(total, x, lengths, plan.kernel)
+    lengths = along(plan.lengths, plan.axis, x.ndim).astype(np.float64)
+    return safe_mean(total, x, jnp.asarray(lengths, compute_dtype(x.dtype)), plan.kernel)
 
 
 def _regular_sum(t, plans):
@@ -198,7 +198,7 @@ def _regular_mean(x, spec: WindowSpec):
 
 @_regular_mean.defjvp
 def _regular_mean_jvp(spec, primals, tangents):
-    (t,) = tangents
+    t = tangents[0].astype(compute_dtype(tangents[0].dtype))
     tangent = _regular_sum(t, spec.plans) / jnp.asarray(spec.window_size, t.dtype)
     return _regular_mean(primals[0], spec), tangent
 
@@ -236,12 +236,11 @@ def adaptive_avg_pool(
     plans = adaptive_plans(fname, x.shape, output_size, data_format)
     channel = layout_axes(fname, x.ndim, len(plans), data_format)[1]
     plans = tuple(p for p in plans if p.out != p.size)
-    compute = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
-    mean = x.astype(compute)
     regular = tuple(_as_regular(p) for p in plans)
-    if regular and all(isinstance(p, AxisPlan) for p in regular):
+    if regular and all(isinstance(p, AxisPlan) for p in regular):  # 16-bit x: summed in float32
         spec = WindowSpec(regular, channel, x.ndim, False)
-        return _regular_mean(mean, spec).astype(x.dtype)
+        return _regular_mean(x, spec).astype(x.dtype)
+    mean = x
     divisible = tuple(p for p in plans if p.size % p.out == 0)
     if divisible:
         mean = _mean_divisible(mean, divisible)

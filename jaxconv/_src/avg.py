@@ -29,7 +29,15 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, is_int
-from jaxconv._src.boxmap import box_map, safe_mean, sum_transpose, tile_spread, tile_sum, tiles
+from jaxconv._src.boxmap import (
+    box_map,
+    compute_dtype,
+    safe_mean,
+    sum_transpose,
+    tile_spread,
+    tile_sum,
+    tiles,
+)
 from jaxconv._src.cast import narrow, widen
 from jaxconv._src.window import AxisPlan, WindowSpec, window_spec
 
@@ -81,7 +89,7 @@ def _divide(total: jax.Array, div, plans, ranges) -> jax.Array:
 
 def window_mean(x: jax.Array, spec: WindowSpec, div, finish=None) -> jax.Array:
     """The sum of ``x`` over every window (zero padding) divided by ``div``, then ``finish``
-    (elementwise, e.g. the rounding to a 16-bit dtype).
+    (elementwise, e.g. the rounding to a 16-bit dtype). 16-bit ``x`` is summed in float32.
 
     Windows of more than ``BOX_LIMIT`` elements that tile the input (kernel == stride, no
     padding) are a reshape and one reduction, redone on scaled input only where a sum overflows
@@ -100,6 +108,7 @@ def window_mean(x: jax.Array, spec: WindowSpec, div, finish=None) -> jax.Array:
     finish = finish or (lambda v: v)
     if tiles(spec.plans) and spec.window_size > BOX_LIMIT:  # a scalar divisor: no padding read
         return finish(safe_mean(lambda v: tile_sum(v, spec.plans), x, div, spec.window_size))
+    x = x.astype(compute_dtype(x.dtype))
     scale = 2.0 ** -math.ceil(math.log2(spec.window_size))
     div = div * scale
     if spec.window_size <= BOX_LIMIT:
@@ -142,7 +151,7 @@ def _mean_transpose(g: jax.Array, spec: WindowSpec, div, finish) -> jax.Array:
 def _mean(x, spec: WindowSpec, count_include_pad: bool, divisor_override):
     div = divisor(spec, count_include_pad, divisor_override)
     finish = functools.partial(narrow, dtype=x.dtype, fuse=spec.n == 1)
-    return window_mean(widen(x), spec, div, finish)
+    return window_mean(x, spec, div, finish)
 
 
 def _mean_fwd(x, spec, count_include_pad, divisor_override):

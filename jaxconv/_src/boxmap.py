@@ -298,18 +298,29 @@ def tile_spread(h: jax.Array, plans, sizes) -> jax.Array:
     return lax.pad(h, jnp.zeros((), h.dtype), pads)
 
 
+def compute_dtype(dtype):
+    """float32 for float16 and bfloat16 (sums run in float32), else ``dtype``."""
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
 def safe_mean(total, x, count, largest: int):
     """``total(x) / count``, as PyTorch (sum, then divide), without overflow where the mean is
     finite: where the sum overflows, the sum of ``x * 2**-e`` (``2**e >= largest``, an exact
-    scaling) is divided and scaled back; that second pass runs only when a mean is infinite."""
-    mean = total(x) / jnp.asarray(count, x.dtype)
+    scaling) is divided and scaled back; that second pass runs only when a mean is infinite.
+
+    16-bit ``x`` is summed in float32, converted inside each pass: XLA then fuses the
+    conversion into the reduction, where a converted ``x`` handed to the rescue branch was
+    written out first (bfloat16 average 7x7 on (32, 7, 7, 2048): 0.13-0.15 against 0.66-0.85 ms).
+    """
+    dtype = compute_dtype(x.dtype)
+    mean = total(x.astype(dtype)) / jnp.asarray(count, dtype)
     scale = 2.0 ** int(np.ceil(np.log2(max(largest, 1))))
     if scale == 1.0:
         return mean
 
     def rescue(mean, x):
-        scaled = total(x * jnp.asarray(1 / scale, x.dtype)) / jnp.asarray(count, x.dtype)
-        scaled = scaled * jnp.asarray(scale, x.dtype)
+        scaled = total(x.astype(dtype) * jnp.asarray(1 / scale, dtype)) / jnp.asarray(count, dtype)
+        scaled = scaled * jnp.asarray(scale, dtype)
         return jnp.where(jnp.isinf(mean) & ~jnp.isinf(scaled), scaled, mean)
 
     # Only runs when some mean is infinite (an overflow, or an infinite input).
