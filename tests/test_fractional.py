@@ -346,6 +346,7 @@ GRAHAM_BAD = [
     (dict(output_size=(10, 4), key=jax.random.key(0)), ValueError, "output_size"),
     (dict(output_size=4, key=jax.random.key(0)), TypeError, "output_size"),
     (dict(output_ratio=(0.5, 1.5), key=jax.random.key(0)), ValueError, "output_ratio"),
+    (dict(output_ratio=0.5, key=jax.random.key(0)), TypeError, "output_ratio.*one entry per"),
     (dict(output_size=(4, 4), key=None), TypeError, "key"),
     (dict(output_size=(4, 4), key=jax.random.key(0), overlapping=1), TypeError, "overlapping"),
     (dict(output_size=(4, 4), key=jax.random.key(0), pseudo_random="y"), TypeError, "pseudo"),

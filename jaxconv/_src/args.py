@@ -50,8 +50,8 @@ def spatial_rank(fname: str, name: str, value) -> int:
         )
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(
-            f"{fname}: `{name}` must be a sequence of ints, got {value!r} of type "
-            f"{type(value).__name__}."
+            f"{fname}: `{name}` must be a sequence with one entry per spatial axis, got "
+            f"{value!r} of type {type(value).__name__}."
         )
     if len(value) == 0:
         raise ValueError(f"{fname}: `{name}` must name at least one spatial axis, got {value!r}.")
