@@ -568,6 +568,29 @@ def test_half_max_signed_zero_ties_like_pytorch(window, stride, padding, dtype, 
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize(
+    ("window", "stride", "padding"), [((3, 3), 2, 1), ((2, 2), 2, 0), ((5, 4), 2, 2)]
+)
+def test_half_max_forward_mode_and_hessian_match_float32(window, stride, padding, dtype):
+    """The 16-bit rule keeps forward mode and second derivatives: jvp and the Hessian of
+    ``sum(y**2)`` equal float32's on tie-free input."""
+    x = jnp.asarray(np.random.default_rng(4).permutation(42).reshape(1, 6, 7, 1) / 8.0, dtype)
+    pool = functools.partial(op("max_pool"), window=window, stride=stride, padding=padding)
+
+    def loss(v):
+        return jnp.sum(pool(v).astype(jnp.float32) ** 2)
+
+    tangent = jnp.asarray(np.arange(42).reshape(x.shape) % 5, dtype)
+    _, t = jax.jvp(pool, (x,), (tangent,))
+    _, t32 = jax.jvp(pool, (x.astype(jnp.float32),), (tangent.astype(jnp.float32),))
+    np.testing.assert_array_equal(np.asarray(t, np.float32), t32)
+    h = jax.jit(jax.hessian(loss))(x)
+    np.testing.assert_array_equal(
+        np.asarray(h, np.float32), jax.hessian(loss)(x.astype(jnp.float32))
+    )
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_half_max_padding_only_window_is_minus_inf(dtype):
     """A window that reads padding only (length 1, k=2, dilation 2, padding 1) is -inf, as in
     float32, not the NaN below every int16 order key."""
