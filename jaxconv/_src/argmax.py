@@ -58,21 +58,22 @@ def _narrow_max(x, aux, plans):
 
 @_narrow_max.defjvp
 def _narrow_max_jvp(plans, primals, tangents):
-    """The value from the keys; the joint path's winners too. bfloat16 forward plus backward
-    against float32 winners: max 3x3 stride 2 padding 1 on (32, 112, 112, 64) 10-11 against
-    16 ms, on (32, 56, 56, 64) 2.3-2.5 against 3.3-3.4 ms; 2x2 stride 2 1.6-1.7 against 1.4 ms
-    (exact on subnormals, which float32 flushes; PyTorch channels_last 2.8 ms)."""
+    """The joint path's value and winners from the keys. bfloat16 forward plus backward against
+    float32 winners: max 3x3 stride 2 padding 1 on (32, 112, 112, 64) 9-11 against 16 ms, on
+    (32, 56, 56, 64) 1.9-2.5 against 3.3-3.4 ms; 2x2 stride 2 1.4-1.7 against 1.4 ms (exact on
+    subnormals, which float32 flushes on CPU). Other paths select in float32: a second pass for
+    the value from the keys made fractional and adaptive max 10-25% slower."""
     x, aux = primals
     if joint_path(plans):  # the primal again through _narrow_max, for higher orders
         _, offsets = joint_max(order_key(x), plans, fill=lowest_key(x.dtype))
         tangent = joint_pick(tangents[0].astype(jnp.float32), plans, offsets)
         return _narrow_max(x, aux, plans), tangent.astype(x.dtype)
-    _, tangent = jax.jvp(
+    value, tangent = jax.jvp(
         lambda v: max_reduce(v, aux, plans),
         (x.astype(jnp.float32),),
         (tangents[0].astype(jnp.float32),),
     )
-    return _narrow_max(x, aux, plans), tangent.astype(x.dtype)
+    return value.astype(x.dtype), tangent.astype(x.dtype)
 
 
 def max_and_index(x, aux, plans, sizes):
