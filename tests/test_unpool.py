@@ -199,6 +199,34 @@ F32, I32 = jnp.float32, jnp.int32
 OK = ((1, 2, 2, 3), F32, (1, 2, 2, 3), I32)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize(("window", "stride"), [((2, 2), 2), ((3, 3), 2)])
+def test_half_precision_values_jvp_and_gradient(window, stride, dtype):
+    """16-bit values, jvp and gradient are float32's in the dtype, in the tiling (select) and
+    the overlapping (scatter) form; vmap too."""
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 9, 9, 3)), dtype)
+    values, idx = jaxconv.max_pool(x, window, stride, return_indices=True)
+
+    def unpool(v):
+        return jaxconv.max_unpool(v, idx, window, stride)
+
+    cot = jnp.asarray(np.random.default_rng(9).standard_normal(unpool(values).shape), dtype)
+    tan = jnp.asarray(np.random.default_rng(10).standard_normal(values.shape), dtype)
+    (y, t), (y32, t32) = [
+        jax.jit(lambda v, tv: jax.jvp(unpool, (v,), (tv,)))(v, tv)
+        for v, tv in [(values, tan), (values.astype(jnp.float32), tan.astype(jnp.float32))]
+    ]
+    g = jax.jit(lambda v: jax.vjp(unpool, v)[1](cot)[0])(values)
+    g32 = jax.vjp(unpool, values.astype(jnp.float32))[1](cot.astype(jnp.float32))[0]
+    chex.assert_type([y, t, g], dtype)
+    for got, want in [(y, y32), (t, t32), (g, g32)]:
+        np.testing.assert_array_equal(
+            np.asarray(got, np.float32), np.asarray(want.astype(dtype), np.float32)
+        )
+    batched = jax.vmap(lambda v, i: jaxconv.max_unpool(v, i, window, stride))(values, idx)
+    np.testing.assert_array_equal(np.asarray(batched, np.float32), np.asarray(y, np.float32))
+
+
 @pytest.mark.parametrize(
     "arrays, rest, kwargs, error, match",
     [

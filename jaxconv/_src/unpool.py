@@ -17,6 +17,7 @@ lies in its own window picks that path, and the scatter otherwise, so any ``indi
 same result.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -262,14 +263,49 @@ def max_unpool(
     in_sizes = tuple(x.shape[a] for a in axes)
     default = _default_sizes(in_sizes, kernel, strides, pads)
     sizes = _output_sizes(output_size, default, strides, x.shape, axes)
-    if strides != kernel:
-        return _unpool_scatter(x, indices, axes, channel_axis, sizes)
+    geometry = _Geometry(axes, channel_axis, kernel, strides, pads, sizes)
+    if jnp.finfo(x.dtype).bits < 32:
+        return _unpool_narrow(x, indices, geometry)
+    return _unpool(x, indices, geometry)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """The static layout of one unpooling: spatial and channel axes, window, output sizes."""
+
+    axes: tuple[int, ...]
+    channel_axis: int
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    sizes: tuple[int, ...]
+
+
+def _unpool(x, indices, g: _Geometry) -> jax.Array:
+    """The select form where every index lies in its own tiling window, else the scatter."""
+    if g.strides != g.kernel:
+        return _unpool_scatter(x, indices, g.axes, g.channel_axis, g.sizes)
     # The broadcast runs inside the branch, which writes the result in place (computed outside
     # and passed in, it was copied: max_unpool 2x2 on (32, 28, 28, 64) 3.0 ms against 1.5 ms).
     return lax.cond(
-        _all_local(indices, axes, kernel, pads, sizes),
-        lambda x, indices: _local_unpool(x, indices, axes, kernel, pads, sizes),
-        lambda x, indices: _unpool_scatter(x, indices, axes, channel_axis, sizes),
+        _all_local(indices, g.axes, g.kernel, g.pads, g.sizes),
+        lambda x, indices: _local_unpool(x, indices, g.axes, g.kernel, g.pads, g.sizes),
+        lambda x, indices: _unpool_scatter(x, indices, g.axes, g.channel_axis, g.sizes),
         x,
         indices,
     )
+
+
+# float16/bfloat16: the values move as they are, but the tangent runs in float32, so the
+# gradient sums each window in float32 and rounds once (XLA's CPU loops round every 16-bit
+# add). bfloat16 2x2 on (32, 28, 28, 64), forward plus backward: 5.8 against 9.2 ms.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _unpool_narrow(x, indices, g: _Geometry) -> jax.Array:
+    return _unpool(x, indices, g)
+
+
+@_unpool_narrow.defjvp
+def _unpool_narrow_jvp(g, primals, tangents):
+    x, indices = primals
+    tangent = _unpool(tangents[0].astype(jnp.float32), indices, g).astype(x.dtype)
+    return _unpool_narrow(x, indices, g), tangent
