@@ -28,6 +28,7 @@ from jaxconv._src.select import (
     phase_pick,
     pick,
     position_dtype,
+    staged_max_jvp,
     window_args,
 )
 from jaxconv._src.window import AxisPlan, along
@@ -38,8 +39,9 @@ def select_max(x, aux, plans, return_indices: bool):
 
     float16 and bfloat16 values are the max of their int16 order keys (:mod:`jaxconv._src.order`),
     and so are the winners of :mod:`jaxconv._src.joint`'s windows (at most 9 taps); other
-    winners, indices and all tangents select in float32, where XLA's CPU code reads subnormals
-    as zero. Both are faster on CPU than XLA's loops over 16-bit floats.
+    winners and indices compare in float32 (converted inside XLA's loops where the windows are
+    stacked), where XLA's CPU code reads subnormals as zero. All are faster on CPU than XLA's
+    loops over 16-bit floats; all tangents are picked in float32.
     """
     if not return_indices and is_narrow(x.dtype):
         return _narrow_max(x, aux, plans)
@@ -61,18 +63,15 @@ def _narrow_max_jvp(plans, primals, tangents):
     """The joint path's value and winners from the keys. bfloat16 forward plus backward against
     float32 winners: max 3x3 stride 2 padding 1 on (32, 112, 112, 64) 9-11 against 16 ms, on
     (32, 56, 56, 64) 1.9-2.5 against 3.3-3.4 ms; 2x2 stride 2 1.4-1.7 against 1.4 ms (exact on
-    subnormals, which float32 flushes on CPU). Other paths select in float32: a second pass for
-    the value from the keys made fractional and adaptive max 10-25% slower."""
+    subnormals, which float32 flushes on CPU). Other paths take value and winners from
+    :func:`~jaxconv._src.select.staged_max_jvp`: a second pass for the value from the keys made
+    fractional and adaptive max 10-25% slower."""
     x, aux = primals
     if joint_path(plans):  # the primal again through _narrow_max, for higher orders
         _, offsets = joint_max(order_key(x), plans, fill=lowest_key(x.dtype))
         tangent = joint_pick(tangents[0].astype(jnp.float32), plans, offsets)
         return _narrow_max(x, aux, plans), tangent.astype(x.dtype)
-    value, tangent = jax.jvp(
-        lambda v: max_reduce(v, aux, plans),
-        (x.astype(jnp.float32),),
-        (tangents[0].astype(jnp.float32),),
-    )
+    value, tangent = staged_max_jvp(x, aux, plans, tangents[0].astype(jnp.float32))
     return value.astype(x.dtype), tangent.astype(x.dtype)
 
 

@@ -60,6 +60,7 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.joint import joint_max, joint_pick, use_joint
+from jaxconv._src.order import is_narrow
 from jaxconv._src.window import AxisPlan, along, pad_axis
 
 
@@ -331,9 +332,14 @@ def _stacked_argmax_jvp(plan, primals, tangents):
     return (value, offset), (pick, no_tangent)
 
 
+def _stacked(plan) -> bool:
+    """Plans whose winners come from reductions over their stacked taps."""
+    return _blocked(plan) or getattr(plan, "stored_winners", False)
+
+
 def _axis_stage(x, plan, a):
     """Winner along one axis: its value and tap offset (the tangent rule's residual)."""
-    if _blocked(plan) or getattr(plan, "stored_winners", False):
+    if _stacked(plan):
         return _stacked_argmax(x, a, plan)
     if _use_reduce_window(plan):
         return _argmax_stage(x, plan)
@@ -369,8 +375,21 @@ def _max_reduce_jvp(plans, primals, tangents):
     if joint_path(plans):
         value, offsets = joint_max(x, plans)
         return value, joint_pick(t, plans, offsets)
+    return staged_max_jvp(x, aux, plans, t)
+
+
+def staged_max_jvp(x, aux, plans, t):
+    """The max and its tangent one axis at a time: each axis's winners, then the tangent picks.
+
+    ``x`` may be float16 or bfloat16 and ``t`` float32: the stacked stages (tiling windows and
+    stored winners) read ``x`` as it is, and XLA's CPU reduction converts it inside its loop;
+    other stages select in float32. bfloat16 adaptive max 224 -> 7 on (32, 224, 224, 64),
+    forward plus backward: 34 against 55 ms with a float32 copy of ``x`` handed to every stage.
+    """
     stages = []
     for plan, a in zip(reversed(plans), reversed(aux), strict=True):
+        if is_narrow(x.dtype) and not _stacked(plan):
+            x = x.astype(jnp.float32)
         x, offset = _axis_stage(x, plan, a)
         stages.append(offset)
     for plan, a, offset in zip(reversed(plans), reversed(aux), stages, strict=True):
