@@ -39,6 +39,7 @@ OPS = {
     "max_pool": lambda x: op("max_pool")(x, (2, 2), 1, 1, ceil_mode=True),
     "avg_pool": lambda x: op("avg_pool")(x, (3, 3), 2, 1, ceil_mode=True),
     "avg_pool_tiled": lambda x: op("avg_pool")(x, (2, 3)),
+    "avg_pool_axes": lambda x: op("avg_pool")(x, (5, 6), 1, (1, 2)),  # > 27 taps, one axis a time
     "lp_pool2": lambda x: op("lp_pool")(x, 2.0, (2, 2), 1, 1),
     "lp_pool3.5": lambda x: op("lp_pool")(x, 3.5, (2, 2), 2),
     "lp_pool_inf": lambda x: op("lp_pool")(x, math.inf, (2, 2), 2),
@@ -292,6 +293,7 @@ MAGNITUDES = [
         "max_pool",
         "avg_pool",
         "avg_pool_tiled",
+        "avg_pool_axes",
         "avg_pool_global",
         "adaptive_avg_pool",
         "adaptive_avg_pool_global",

@@ -303,6 +303,12 @@ def compute_dtype(dtype):
     return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
 
 
+def may_overflow(dtype, count: int) -> bool:
+    """Whether a sum of ``count`` values of ``dtype`` can overflow its :func:`compute_dtype`
+    (not for float16, whose sums run in float32)."""
+    return float(jnp.finfo(dtype).max) * count > float(jnp.finfo(compute_dtype(dtype)).max)
+
+
 def safe_mean(total, x, count, largest: int):
     """``total(x) / count``, as PyTorch (sum, then divide), without overflow where the mean is
     finite: where the sum overflows, the sum of ``x * 2**-e`` (``2**e >= largest``, an exact
@@ -315,7 +321,7 @@ def safe_mean(total, x, count, largest: int):
     dtype = compute_dtype(x.dtype)
     mean = total(x.astype(dtype)) / jnp.asarray(count, dtype)
     scale = 2.0 ** int(np.ceil(np.log2(max(largest, 1))))
-    if scale == 1.0:
+    if not may_overflow(x.dtype, largest):
         return mean
 
     def rescue(mean, x):
