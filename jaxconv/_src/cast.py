@@ -11,7 +11,9 @@ makes every element select among the blocks, so which one is faster is measured 
 
 :func:`widen` and :func:`narrow` are ``jax.custom_vjp``s whose rules are each other, so
 reverse mode at any order converts cotangents the same way. Forward mode is not supported, so
-only ops that are ``custom_vjp``s themselves (avg pooling) use them.
+only ops that are ``custom_vjp``s themselves (avg pooling) use them. :func:`round_to` rounds as
+:func:`narrow` with ``astype`` as its tangent, for every mode (Lp pooling, whose Hessian is
+forward over reverse).
 """
 
 import functools
@@ -65,6 +67,19 @@ def widen(x: jax.Array) -> jax.Array:
     if x.dtype == jnp.bfloat16:
         return _to_float32(x)
     return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def round_to(y: jax.Array, dtype, fuse: bool = True) -> jax.Array:
+    """``y.astype(dtype)``, with float32 to bfloat16 rounded on the bit patterns. A
+    ``jax.custom_jvp`` whose tangent is ``astype``, so every mode of differentiation works (for
+    ops that are not ``custom_vjp``s themselves)."""
+    return narrow(y, dtype, fuse)
+
+
+@round_to.defjvp
+def _round_to_jvp(dtype, fuse, primals, tangents):
+    return round_to(primals[0], dtype, fuse), tangents[0].astype(dtype)
 
 
 def narrow(y: jax.Array, dtype, fuse: bool = True) -> jax.Array:

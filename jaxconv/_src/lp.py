@@ -43,6 +43,7 @@ from jax.typing import ArrayLike
 from jaxconv._src.args import check_floating
 from jaxconv._src.avg import BOX_LIMIT
 from jaxconv._src.boxmap import adjoint_map, block_of, box_map, box_taps, sum_transpose
+from jaxconv._src.cast import round_to
 from jaxconv._src.window import window_spec
 
 _FNAME = "lp_pool"
@@ -81,6 +82,11 @@ def _norm_of(parts, p):
     s = functools.reduce(jnp.add, [_power(t * inv, p) for t in parts])
     # A window holding +-inf has an infinite norm (inf/inf would give NaN).
     return jnp.where(jnp.isinf(m), m, m * _root(s, p))
+
+
+def _wide(x):
+    """float16 and bfloat16 in float32 (converted inside the loops that read them)."""
+    return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
 
 
 def _box_norm(x, p, plans):
@@ -139,17 +145,17 @@ def _transpose_taps(x, plans, parts):
 # Static p (a Python float): only x is differentiated.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _norm_static(x, plans, p: float):
-    return _box_norm(x, p, plans)
+    return _box_norm(_wide(x), p, plans)
 
 
 def _norm_static_fwd(x, plans, p):
-    y = _box_norm(x, p, plans)
+    y = _box_norm(_wide(x), p, plans)
     return y, (x, y)
 
 
 def _norm_static_bwd(plans, p, res, g):
     x, y = res
-    return (_grad_x(x, y, g, p, plans),)
+    return (round_to(_grad_x(_wide(x), y, g, p, plans), x.dtype, False),)
 
 
 _norm_static.defvjp(_norm_static_fwd, _norm_static_bwd)
@@ -294,10 +300,10 @@ def lp_pool(
     p = _check_p(p)
     spec = window_spec(_FNAME, x.shape, window, stride, padding, dilation, ceil_mode, data_format)
     compute = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
-    y = x.astype(compute)
+    y = x if isinstance(p, float) and not math.isinf(p) else x.astype(compute)
     if not isinstance(p, float):
         p = p.astype(compute)
     groups = [spec.plans] if spec.window_size <= BOX_LIMIT else [(q,) for q in spec.plans[::-1]]
     for plans in groups:
         y = _norm(y, p, plans)
-    return y.astype(x.dtype)
+    return round_to(y, x.dtype)
