@@ -110,6 +110,7 @@ def window_mean(x: jax.Array, spec: WindowSpec, div, finish=None) -> jax.Array:
     finish = finish or (lambda v: v)
     if tiles(spec.plans) and spec.window_size > BOX_LIMIT:  # a scalar divisor: no padding read
         return finish(safe_mean(lambda v: tile_sum(v, spec.plans), x, div, spec.window_size))
+    converted = compute_dtype(x.dtype) != x.dtype
     x = x.astype(compute_dtype(x.dtype))
     scale = 2.0 ** -math.ceil(math.log2(spec.window_size))
     div = div * scale
@@ -125,8 +126,11 @@ def window_mean(x: jax.Array, spec: WindowSpec, div, finish=None) -> jax.Array:
         # power-of-two product out of a sum (``a*c + b*c`` to ``(a+b)*c``), which overflows.
         return _add_all([part / jnp.asarray(1 / scale, x.dtype) for part in parts])
 
+    first = scaled_sum
+    if converted:  # XLA writes the converted x out anyway: the scaling rides along
+        x, first = x * jnp.asarray(scale, x.dtype), _add_all
     for i, plan in enumerate(spec.plans):
-        x = box_map(x, (plan,), _add_all if i else scaled_sum, 0)
+        x = box_map(x, (plan,), _add_all if i else first, 0)
     return finish(_divide(x, div, (), ()))
 
 
