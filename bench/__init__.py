@@ -1,4 +1,4 @@
-"""jaxconv's benchmark suite: jaxconv beside flax.linen, raw lax, equinox and PyTorch CPU.
+"""jaxconv's benchmark suite: jaxconv beside flax.linen, raw lax, equinox and PyTorch.
 
 Run ``python -m bench`` (``make bench``) or ``python -m bench --quick`` (``make bench-quick``);
 ``--filter SUBSTR`` selects cases by name, ``--out DIR`` picks the folder of ``<device>.json``,

@@ -18,6 +18,7 @@ from bench.cases import Case, all_cases, select
 from bench.machine import machine_info, usable_cores
 from bench.measure import Settings, copy_bandwidth
 from bench.runner import PEERS, run_cases
+from bench.torch_peers import default_device
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # glibc's default serves every buffer over 32 MiB with a fresh mmap, so each call of a jitted
@@ -50,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: usable cores)")
     p.add_argument(
         "--peers",
-        help=f"comma list out of {','.join(PEERS)} (default all; on GPU/TPU no torch)",
+        help=f"comma list out of {','.join(PEERS)} (default all; on TPU, or on GPU without a "
+        "CUDA build of PyTorch, no torch)",
     )
     p.add_argument(
         "--allocator",
@@ -80,7 +82,7 @@ def _peers(arg: str | None, backend: str) -> tuple[str, ...]:
         if unknown:
             raise SystemExit(f"--peers: unknown {unknown}; expected some of {list(PEERS)}")
         return ("jaxconv", *(p for p in peers if p != "jaxconv"))
-    if backend == "cpu":
+    if backend == "cpu" or default_device(backend) != "cpu":
         return PEERS
     return tuple(p for p in PEERS if not p.startswith("torch"))
 
@@ -96,24 +98,37 @@ def run_suite(
     threads: int | None = None,
     quick: bool = False,
 ) -> dict:
-    """Run ``cases`` and write ``<device>.json/.md/.png`` into ``out_dir``; returns the report."""
+    """Run ``cases`` and write ``<device>.json/.md/.png`` into ``out_dir``; returns the report.
+
+    While it runs, ``<device>.partial.json`` holds the cases measured so far (``--render`` turns
+    it into tables if the run is cut short); it is removed once the three files are written.
+    """
     start = time.perf_counter()
     backend = jax.default_backend()
-    settings = settings or Settings()
+    settings = settings or Settings(torch_device=default_device(backend))
     threads = threads or usable_cores()
     torch.set_num_threads(threads)
     peers = peers or _peers(None, backend)
     copy = copy_bandwidth(copy_mb * 2**20, settings, backend)
-    results = run_cases(cases, peers, settings, copy["reference_gbps"])
     result = {
         "device_name": device_name or backend,
-        "machine": machine_info(threads),
+        "machine": machine_info(threads, settings.torch_device),
         "settings": {**dataclasses.asdict(settings), "quick": quick, "peers": list(peers)},
         "copy": copy,
-        "cases": results,
-        "wall_s": time.perf_counter() - start,
+        "cases": [],
+        "wall_s": 0.0,
     }
+    os.makedirs(out_dir, exist_ok=True)
+    partial = os.path.join(out_dir, result["device_name"] + ".partial.json")
+
+    def checkpoint(case_result: dict) -> None:
+        result["cases"].append(case_result)
+        result["wall_s"] = time.perf_counter() - start
+        report.write_json(result, partial)
+
+    run_cases(cases, peers, settings, copy["reference_gbps"], on_case=checkpoint)
     result["files"] = report.write_all(result, out_dir)
+    os.remove(partial)
     return result
 
 
@@ -141,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(c.name for c in cases) or "no case matches the filter")
         return 0 if cases or args.list else 1
     settings = Settings(
+        torch_device=default_device(jax.default_backend()),
         repeats=args.repeats or defaults["repeats"],
         warmup=defaults["warmup"] if args.warmup is None else args.warmup,
         budget_s=args.budget or defaults["budget_s"],

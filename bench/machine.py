@@ -39,6 +39,8 @@ def _version(name: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """The checkout's short commit; ``BENCH_GIT_COMMIT`` names it where the tree has no ``.git``
+    (a copy of the working tree on another machine)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -48,11 +50,19 @@ def _git_commit() -> str | None:
             cwd=os.path.dirname(os.path.abspath(__file__)),
         )
     except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() or None
+        return os.environ.get("BENCH_GIT_COMMIT")
+    return out.stdout.strip() or os.environ.get("BENCH_GIT_COMMIT")
 
 
-def machine_info(torch_threads: int) -> dict:
+def _torch_device_name(torch_device: str) -> str:
+    if torch_device == "cpu":
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(torch_device))
+
+
+def machine_info(torch_threads: int, torch_device: str = "cpu") -> dict:
     """A JSON-ready description of the machine and software."""
     device = jax.devices()[0]
     return {
@@ -60,6 +70,7 @@ def machine_info(torch_threads: int) -> dict:
         "cpu": cpu_model(),
         "cores": usable_cores(),
         "torch_threads": torch_threads,
+        "torch_device": _torch_device_name(torch_device),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax_backend": jax.default_backend(),

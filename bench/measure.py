@@ -31,6 +31,7 @@ class Settings:
     min_repeats: int = 3
     warmup: int = 2
     budget_s: float = 8.0
+    torch_device: str = "cpu"
 
 
 def time_calls(call: Callable[[], object], settings: Settings, first_s: float = 0.0) -> list[float]:
@@ -128,7 +129,7 @@ def _jax_outputs(out) -> list[np.ndarray]:
 
 
 def _torch_outputs(out) -> list[np.ndarray]:
-    return [t.detach().float().numpy() for t in out[:2]]
+    return [t.detach().float().cpu().numpy() for t in out[:2]]
 
 
 def _nbytes(tree) -> int:
@@ -166,14 +167,27 @@ def _torch_bytes(tensors) -> int:
     return sum(t.element_size() * t.nelement() for t in tensors)
 
 
+def _synchronizer(tensors) -> Callable[[], None]:
+    """Waits for the queued GPU work of CUDA tensors (PyTorch launches asynchronously)."""
+    if any(t.is_cuda for t in tensors):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 def measure_torch(job: TorchJob, mode: str, settings: Settings) -> dict:
-    """Time a PyTorch job: forward under no_grad, or forward and autograd.grad of a cotangent."""
+    """Time a PyTorch job: forward under no_grad, or forward and autograd.grad of a cotangent.
+
+    On CUDA tensors each timed call ends with ``torch.cuda.synchronize()``.
+    """
     fn, tensors = job.fn, job.tensors
+    sync = _synchronizer(tensors)
     if mode == "fwd":
 
         def call():
             with torch.no_grad():
-                return (fn(*tensors),)
+                out = (fn(*tensors),)
+            sync()
+            return out
 
         ins = tensors
     else:
@@ -186,7 +200,9 @@ def measure_torch(job: TorchJob, mode: str, settings: Settings) -> dict:
 
         def call():
             y = fn(*leaves, *rest)
-            return (y.detach(), *torch.autograd.grad(y, leaves, ct))
+            out = (y.detach(), *torch.autograd.grad(y, leaves, ct))
+            sync()
+            return out
 
         ins = (*tensors, ct)
     t0 = time.perf_counter()

@@ -168,6 +168,13 @@ def _allocator(m: dict) -> str:
     return f"`GLIBC_TUNABLES={tunables}` (freed memory is reused, not page-faulted again)."
 
 
+def _torch_where(m: dict) -> str:
+    device = m.get("torch_device", "cpu")
+    if device == "cpu":
+        return f"PyTorch on the CPU with {m['torch_threads']} threads"
+    return f"PyTorch on CUDA ({device})"
+
+
 def _header(report: dict) -> list[str]:
     m, s, cp = report["machine"], report["settings"], report["copy"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -175,7 +182,7 @@ def _header(report: dict) -> list[str]:
         f"# jaxconv benchmarks: {report['device_name']}",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, JAX backend {m['jax_backend']} "
-        f"({m['jax_device']}), torch threads {m['torch_threads']}.",
+        f"({m['jax_device']}), {_torch_where(m)}.",
         f"- Software: {versions}; Python {m['python']}.",
         f"- Allocator: {_allocator(m)}",
         *([f"- Note: {report['note']}."] if report.get("note") else []),

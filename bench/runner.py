@@ -28,7 +28,8 @@ def _run_peer(peer: str, case: Case, inputs, settings: Settings) -> dict:
     try:
         if jax_peer:
             return measure_jax(jax_peers.BUILDERS[peer](case, inputs), case.mode, settings)
-        return measure_torch(torch_peers.BUILDERS[peer](case, inputs), case.mode, settings)
+        job = torch_peers.BUILDERS[peer](case, inputs, settings.torch_device)
+        return measure_torch(job, case.mode, settings)
     except jax_peers.MissingOpError as e:
         return {"status": "missing", "reason": str(e)}
     except jax_peers.NotApplicableError as e:
@@ -117,13 +118,21 @@ def format_line(result: dict) -> str:
 
 
 def run_cases(
-    cases: list[Case], peers, settings: Settings, reference_gbps: float, log: Callable | None = None
+    cases: list[Case],
+    peers,
+    settings: Settings,
+    reference_gbps: float,
+    log: Callable | None = None,
+    on_case: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Every case in order, logging one line each (to stderr unless ``log`` is given)."""
+    """Every case in order, logging one line each (to stderr unless ``log`` is given) and
+    handing each result to ``on_case`` as soon as it is measured."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = []
     for i, case in enumerate(cases, 1):
         result = run_case(case, peers, settings, reference_gbps)
         log(f"[{i}/{len(cases)}] {format_line(result)}")
+        if on_case is not None:
+            on_case(result)
         out.append(result)
     return out

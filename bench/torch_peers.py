@@ -1,9 +1,10 @@
-"""The PyTorch CPU peers of a case: NCHW contiguous and channels_last memory format.
+"""The PyTorch peers of a case: NCHW contiguous and channels_last memory format.
 
 Both get the case's numbers in logical NC* shape; ``torch_cl`` stores activations (and conv
 weights) with channels innermost: ``torch.channels_last`` in 2-D, ``torch.channels_last_3d`` in
 3-D, and in 1-D an ``(N, L, C)`` contiguous tensor viewed as ``(N, C, L)`` (what a user with
-channels-last 1-D data would pass).
+channels-last 1-D data would pass). The tensors live on the device the builder is given: the CPU,
+or CUDA when the suite runs on a GPU backend.
 """
 
 import dataclasses
@@ -38,9 +39,10 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, -1).contiguous().transpose(1, -1)
 
 
-def _tensor(a: np.ndarray, dtype: str | None, cl: bool) -> torch.Tensor:
+def _tensor(a: np.ndarray, dtype: str | None, cl: bool, device: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     t = t.to(TORCH_DTYPES[dtype]) if dtype else t.to(torch.int64)
+    t = t.to(device)
     return channels_last(t) if cl else t
 
 
@@ -66,7 +68,7 @@ def _fractional(case: Case, inp: Inputs, x: torch.Tensor) -> TorchJob:
     if case.n not in (2, 3):
         raise NotApplicableError("torch fractional_max_pool is 2-D and 3-D only")
     fn = getattr(F, f"fractional_max_pool{case.n}d")
-    u = _tensor(samples_torch(inp.extra), case.dtype, False)
+    u = _tensor(samples_torch(inp.extra), case.dtype, False, str(x.device))
 
     def frac(x, u):
         return fn(x, case.window, output_ratio=(case.ratio,) * case.n, _random_samples=u)
@@ -75,7 +77,7 @@ def _fractional(case: Case, inp: Inputs, x: torch.Tensor) -> TorchJob:
 
 
 def _conv(case: Case, inp: Inputs, x: torch.Tensor, cl: bool) -> TorchJob:
-    w = _tensor(weight_oihw(inp.extra), case.dtype, cl)
+    w = _tensor(weight_oihw(inp.extra), case.dtype, cl, str(x.device))
     s, p, g, n = case.stride, case.padding, case.groups, case.n
     if case.op == "conv":
         fn = lambda x, w: getattr(F, f"conv{n}d")(x, w, stride=s, padding=p, groups=g)  # noqa: E731
@@ -86,21 +88,26 @@ def _conv(case: Case, inp: Inputs, x: torch.Tensor, cl: bool) -> TorchJob:
     return TorchJob(fn, (x, w), 2)
 
 
-def torch_job(case: Case, inp: Inputs, cl: bool) -> TorchJob:
+def torch_job(case: Case, inp: Inputs, cl: bool, device: str = "cpu") -> TorchJob:
     """PyTorch's function for the case, on NCHW (``cl=False``) or channels_last tensors."""
-    x = _tensor(channels_first(inp.x), case.dtype, cl)
+    x = _tensor(channels_first(inp.x), case.dtype, cl, device)
     if case.op in ("conv", "conv_transpose"):
         return _conv(case, inp, x, cl)
     if case.op == "fractional_max_pool":
         return _fractional(case, inp, x)
     if case.op == "max_unpool":
-        idx = _tensor(channels_first(inp.extra), None, cl)
+        idx = _tensor(channels_first(inp.extra), None, cl, device)
         fn = getattr(F, f"max_unpool{case.n}d")
         return TorchJob(lambda v, i: fn(v, i, case.window, case.stride, case.padding), (x, idx))
     return TorchJob(_pool_fn(case), (x,))
 
 
 BUILDERS = {
-    "torch_nchw": lambda case, inp: torch_job(case, inp, False),
-    "torch_cl": lambda case, inp: torch_job(case, inp, True),
+    "torch_nchw": lambda case, inp, device="cpu": torch_job(case, inp, False, device),
+    "torch_cl": lambda case, inp, device="cpu": torch_job(case, inp, True, device),
 }
+
+
+def default_device(backend: str) -> str:
+    """``"cuda"`` beside a JAX GPU backend when this PyTorch build sees a GPU, else ``"cpu"``."""
+    return "cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu"

@@ -31,6 +31,8 @@ def test_json_has_machine_case_peers_and_ratios(report):
     data = json.loads((report / "smoke.json").read_text())
     for key in ("cpu", "cores", "versions", "date_utc", "jax_backend"):
         assert key in data["machine"]
+    assert data["machine"]["torch_device"] == "cpu"
+    assert not (report / "smoke.partial.json").exists()  # removed once the run completes
     assert data["copy"]["reference_gbps"] > 0
     (case,) = data["cases"]
     assert case["name"] == TINY.name
@@ -86,6 +88,15 @@ def test_an_op_jaxconv_lacks_is_missing_not_a_crash():
     assert result["peers"]["flax"]["status"] == "n/a"
     assert result["peers"]["torch_cl"]["status"] == "n/a"
     assert result["ratios"] == {}
+
+
+def test_each_case_is_handed_on_as_soon_as_it_is_measured():
+    seen = []
+    out = bench.runner.run_cases(
+        [TINY, TINY], ("flax",), ONCE, 1.0, log=lambda msg: None, on_case=seen.append
+    )
+    assert seen == out and len(out) == 2
+    assert out[0]["peers"]["flax"]["status"] == "ok"
 
 
 def test_cli_lists_and_filters_cases(capsys):
