@@ -67,21 +67,28 @@ def _root(s, p):
 
 
 def _safe_inverse(v):
-    """``1/v`` where ``v > 0``, else 0 (NaN-free in every derivative order)."""
-    positive = v > 0
-    return jnp.where(positive, 1 / jnp.where(positive, v, 1), 0)
+    """``1/v`` where ``v`` is at least the smallest normal number, else 0 (NaN-free in every
+    derivative order; the inverse of a subnormal ``v`` would overflow to inf)."""
+    normal = v >= jnp.finfo(v.dtype).tiny
+    return jnp.where(normal, 1 / jnp.where(normal, v, 1), 0)
 
 
 def _norm_of(parts, p):
-    """The p-norm across ``parts`` (finite ``p``), scaled by their maximum."""
+    """The p-norm across ``parts`` (finite ``p``), scaled by their maximum.
+
+    The scale is the maximum raised to at least the smallest normal number: ``1/m`` of a
+    subnormal maximum overflows (backends that do not flush subnormals to zero, such as GPUs,
+    would return inf), and ``1/scale`` of an all-zero window is finite, with ``0 * scale = 0``.
+    """
     parts = [jnp.abs(t) for t in parts]
     if isinstance(p, float) and p == 1.0:
         return functools.reduce(jnp.add, parts)
     m = functools.reduce(jnp.maximum, parts)
-    inv = _safe_inverse(m)
+    scale = jnp.maximum(m, jnp.finfo(m.dtype).tiny)
+    inv = 1 / scale
     s = functools.reduce(jnp.add, [_power(t * inv, p) for t in parts])
     # A window holding +-inf has an infinite norm (inf/inf would give NaN).
-    return jnp.where(jnp.isinf(m), m, m * _root(s, p))
+    return jnp.where(jnp.isinf(m), m, scale * _root(s, p))
 
 
 def _wide(x):
