@@ -1,5 +1,7 @@
 """max_unpool against PyTorch's max_unpool{1,2,3}d, its gradient, and its argument checks."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -225,6 +227,39 @@ def test_half_precision_values_jvp_and_gradient(window, stride, dtype):
         )
     batched = jax.vmap(lambda v, i: jaxconv.max_unpool(v, i, window, stride))(values, idx)
     np.testing.assert_array_equal(np.asarray(batched, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_gpu_winner_search_equals_the_max_scatter(axis):
+    """GPUs find the winners (the last input naming each output position) by a sort and a
+    binary search instead of a max scatter; both forms agree on duplicates and dropped
+    targets (``length``), in either plane layout."""
+    from jaxconv._src import unpool
+
+    rng = np.random.default_rng(axis)
+    for (b, n, c), length in [((3, 37, 5), 23), ((2, 9, 4), 60), ((1, 1, 3), 1)]:
+        shape = (b, n, c) if axis == 1 else (b, c, n)
+        forms = [
+            jax.jit(functools.partial(f, length=length, axis=axis))
+            for f in (unpool._winners_scatter, unpool._winners_sorted)
+        ]
+        for _ in range(10):
+            target = jnp.asarray(rng.integers(0, length + 1, shape), jnp.int32)
+            np.testing.assert_array_equal(forms[1](target), forms[0](target))
+
+
+def test_gpu_programs_find_the_winners_without_a_scatter():
+    """The overlapping-window form lowered for CUDA sorts instead of scattering (XLA's GPU max
+    scatter lost duplicates); the CPU program keeps the faster scatter."""
+    y = jnp.zeros((1, 4, 4, 2))
+    idx = jnp.zeros((1, 4, 4, 2), jnp.int32)
+    f = jax.jit(lambda y, i: jaxconv.max_unpool(y, i, (3, 3), 2))
+    texts = {
+        platform: jax.export.export(f, platforms=[platform])(y, idx).mlir_module()
+        for platform in ("cpu", "cuda")
+    }
+    assert "stablehlo.sort" in texts["cuda"] and "stablehlo.scatter" not in texts["cuda"]
+    assert "stablehlo.scatter" in texts["cpu"] and "stablehlo.sort" not in texts["cpu"]
 
 
 @pytest.mark.parametrize(
