@@ -89,7 +89,9 @@ def test_loss_and_every_gradient_match_torch(variant):
     data = _digits()
     x, y = data.x_train[:BATCH], data.y_train[:BATCH]
     model, params = _params(variant)
-    loss, grads = jax.jit(jax.value_and_grad(functools.partial(_jax_loss, model)))(params, x, y)
+    # full float32 convolutions: GPUs would otherwise multiply in TensorFloat-32
+    with jax.default_matmul_precision("highest"):
+        loss, grads = jax.jit(jax.value_and_grad(functools.partial(_jax_loss, model)))(params, x, y)
     want_loss, want = _torch_loss_and_grads(variant, params, x, y)
     ours = _flat(grads)
     assert set(ours) == set(want)
