@@ -39,8 +39,10 @@ def _version(name: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """The checkout's short commit; ``BENCH_GIT_COMMIT`` names it where the tree has no ``.git``
-    (a copy of the working tree on another machine)."""
+    """The short commit of the tree: ``BENCH_GIT_COMMIT`` when set (a copy of the working tree on
+    another machine, whose git metadata may not match it), else ``git rev-parse``."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -50,8 +52,8 @@ def _git_commit() -> str | None:
             cwd=os.path.dirname(os.path.abspath(__file__)),
         )
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BENCH_GIT_COMMIT")
-    return out.stdout.strip() or os.environ.get("BENCH_GIT_COMMIT")
+        return None
+    return out.stdout.strip() or None
 
 
 def _torch_device_name(torch_device: str) -> str:
