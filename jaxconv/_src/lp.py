@@ -76,19 +76,17 @@ def _safe_inverse(v):
 def _norm_of(parts, p):
     """The p-norm across ``parts`` (finite ``p``), scaled by their maximum.
 
-    The scale is the maximum raised to at least the smallest normal number: ``1/m`` of a
-    subnormal maximum overflows (backends that do not flush subnormals to zero, such as GPUs,
-    would return inf), and ``1/scale`` of an all-zero window is finite, with ``0 * scale = 0``.
+    A window whose maximum is below the smallest normal number gives 0, on every backend: on
+    CPU XLA flushes such subnormals to zero anyway, and elsewhere ``1/m`` would overflow to inf.
     """
     parts = [jnp.abs(t) for t in parts]
     if isinstance(p, float) and p == 1.0:
         return functools.reduce(jnp.add, parts)
     m = functools.reduce(jnp.maximum, parts)
-    scale = jnp.maximum(m, jnp.finfo(m.dtype).tiny)
-    inv = 1 / scale
+    inv = _safe_inverse(m)
     s = functools.reduce(jnp.add, [_power(t * inv, p) for t in parts])
     # A window holding +-inf has an infinite norm (inf/inf would give NaN).
-    return jnp.where(jnp.isinf(m), m, scale * _root(s, p))
+    return jnp.where(jnp.isinf(m), m, m * _root(s, p))
 
 
 def _wide(x):
