@@ -75,7 +75,8 @@ class Conv(nn.Module):
     Attributes:
         features: output channels ``C_out``.
         kernel_size: one int per spatial axis, e.g. ``(3, 3)``.
-        stride, padding, dilation, groups, padding_mode, data_format: as in :func:`jaxconv.conv`.
+        stride, padding, dilation, groups, padding_mode, data_format, precision: as in
+            :func:`jaxconv.conv`.
         use_bias: add a learned ``(C_out,)`` bias.
         dtype: computation dtype (default: promoted from the input and the parameters).
         param_dtype: parameter dtype.
@@ -95,6 +96,7 @@ class Conv(nn.Module):
     groups: int = 1
     padding_mode: str = "zeros"
     data_format: str = "channels_last"
+    precision: Any = None
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -114,6 +116,7 @@ class Conv(nn.Module):
             padding_mode=self.padding_mode,
             bias=bias,
             data_format=self.data_format,
+            precision=self.precision,
         )
 
 
@@ -136,6 +139,7 @@ class ConvTranspose(nn.Module):
     dilation: int | Sequence[int] = 1
     groups: int = 1
     data_format: str = "channels_last"
+    precision: Any = None
     use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -155,6 +159,7 @@ class ConvTranspose(nn.Module):
             groups=self.groups,
             bias=bias,
             data_format=self.data_format,
+            precision=self.precision,
         )
 
 

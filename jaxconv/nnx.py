@@ -86,7 +86,8 @@ class Conv(_ConvBase):
         in_features: input channels ``C_in``.
         out_features: output channels ``C_out``.
         kernel_size: one int per spatial axis, e.g. ``(3, 3)``.
-        stride, padding, dilation, groups, padding_mode, data_format: as in :func:`jaxconv.conv`.
+        stride, padding, dilation, groups, padding_mode, data_format, precision: as in
+            :func:`jaxconv.conv`.
         use_bias: add a learned ``(C_out,)`` bias.
         dtype: computation dtype (default: promoted from the input and the parameters).
         param_dtype: parameter dtype.
@@ -110,6 +111,7 @@ class Conv(_ConvBase):
         padding_mode: str = "zeros",
         *,
         data_format: str = "channels_last",
+        precision: Any = None,
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -119,6 +121,7 @@ class Conv(_ConvBase):
     ):
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.groups, self.padding_mode, self.data_format = groups, padding_mode, data_format
+        self.precision = precision
         opts = dict(
             use_bias=use_bias,
             dtype=dtype,
@@ -141,6 +144,7 @@ class Conv(_ConvBase):
             padding_mode=self.padding_mode,
             bias=bias,
             data_format=self.data_format,
+            precision=self.precision,
         )
 
 
@@ -169,6 +173,7 @@ class ConvTranspose(_ConvBase):
         groups: int = 1,
         *,
         data_format: str = "channels_last",
+        precision: Any = None,
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -178,6 +183,7 @@ class ConvTranspose(_ConvBase):
     ):
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.dilation, self.groups, self.data_format = dilation, groups, data_format
+        self.precision = precision
         opts = dict(
             use_bias=use_bias,
             dtype=dtype,
@@ -200,6 +206,7 @@ class ConvTranspose(_ConvBase):
             groups=self.groups,
             bias=bias,
             data_format=self.data_format,
+            precision=self.precision,
         )
 
 

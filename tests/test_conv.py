@@ -475,6 +475,9 @@ _CONV_ERRORS = [
     (dict(x=_X, w=_W, groups=2, dilation=(1,)), ValueError, "`dilation`"),
     (dict(x=_X, w=_W, groups=2, padding="HALF"), ValueError, "`padding`"),
     (dict(x=_X, w=_W, groups=2, padding=-1), ValueError, "`padding`"),
+    (dict(x=_X, w=_W, groups=2, precision="fast"), ValueError, "`precision`"),
+    (dict(x=_X, w=_W, groups=2, precision=("highest",)), ValueError, "`precision`"),
+    (dict(x=_X, w=_W, groups=2, precision=3), TypeError, "`precision`"),
     (
         dict(x=_X, w=_W, groups=2, padding=6, padding_mode="reflect"),
         ValueError,
@@ -510,6 +513,7 @@ _CONV_T_ERRORS = [
     (dict(y=_Y, w=_W, groups=2, bias=np.ones(6, np.float32)), ValueError, "`bias`"),
     (dict(y=_Y[0, 0], w=_W, groups=2), ValueError, "`y`"),
     (dict(y=_Y, w=_W.astype(np.float16), groups=2), TypeError, "same dtype"),
+    (dict(y=_Y, w=_W, groups=2, precision=("highest", None)), ValueError, "`precision`"),
 ]
 
 
@@ -518,3 +522,33 @@ def test_conv_transpose_errors(kwargs, error, what):
     with pytest.raises(error, match=r"^conv_transpose: .*" + what.replace("`", r"\`")):
         rest = {k: v for k, v in kwargs.items() if k not in ("y", "w")}
         jax.jit(lambda y, w: conv_transpose(y, w, **rest))(kwargs["y"], kwargs["w"])
+
+
+@pytest.mark.parametrize(
+    ("precision", "want"),
+    [
+        (None, None),
+        ("highest", "HIGHEST"),
+        (lax.Precision.HIGH, "HIGH"),
+        (("highest", lax.Precision.DEFAULT), ("HIGHEST", "DEFAULT")),
+    ],
+)
+def test_precision_reaches_the_convolutions(precision, want):
+    """``precision`` is the one of every convolution, forward and derivative (on GPUs the
+    default multiplies float32 in TensorFloat-32; "highest" is full float32)."""
+    x, w = jnp.ones((2, 6, 6, 4)), jnp.ones((3, 3, 4, 5))
+
+    def loss(x, w):
+        y = conv(x, w, padding=1, precision=precision)
+        return jnp.sum(conv_transpose(y, w, padding=1, precision=precision) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w)
+    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert len(convs) >= 4
+    for eqn in convs:
+        got = eqn.params["precision"]
+        if want is None:
+            assert got is None
+        else:
+            names = tuple(p.name for p in got)
+            assert names in (want, want[::-1]) if isinstance(want, tuple) else names == (want,) * 2

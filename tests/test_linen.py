@@ -81,6 +81,16 @@ def test_conv_transpose_matches_torch(data_format):
     np.testing.assert_allclose(_as_nchw(out, data_format), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [jcl.Conv, jcl.ConvTranspose])
+def test_conv_modules_pass_precision_on(layer):
+    module = layer(features=3, kernel_size=(3, 3), precision="highest")
+    x = jnp.ones((1, 5, 5, 2), jnp.float32)
+    params = module.init(jax.random.key(0), x)
+    eqns = jax.make_jaxpr(module.apply)(params, x).jaxpr.eqns
+    convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
+    assert [[p.name for p in e.params["precision"]] for e in convs] == [["HIGHEST", "HIGHEST"]]
+
+
 def test_conv_initialisers_are_flax_defaults():
     """Same key, same shape: the kernel is exactly flax.linen.Conv's; the bias is zero."""
     x = jnp.ones((2, 8, 8, 3), jnp.float32)

@@ -68,6 +68,18 @@ def test_conv_transpose_matches_torch():
     np.testing.assert_allclose(np.moveaxis(np.asarray(out), -1, 1), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [jcn.Conv, jcn.ConvTranspose])
+def test_conv_modules_pass_precision_on(layer):
+    module = layer(2, 3, (3, 3), precision="highest", rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 5, 5, 2), jnp.float32)
+    convs = [
+        e
+        for e in jax.make_jaxpr(module)(x).jaxpr.eqns
+        if e.primitive.name == "conv_general_dilated"
+    ]
+    assert [[p.name for p in e.params["precision"]] for e in convs] == [["HIGHEST", "HIGHEST"]]
+
+
 def test_conv_bad_kernel_size_is_named():
     with pytest.raises(TypeError, match=r"jaxconv.nnx.Conv.*kernel_size"):
         jcn.Conv(3, 4, 3, rngs=nnx.Rngs(0))

@@ -3,8 +3,9 @@
 ``conv`` passes ``dimension_numbers`` that match ``data_format`` and the weight layout, so no
 array is transposed and, with ``padding_mode="zeros"``, a single batch axis and no bias, the traced
 program is exactly one ``conv_general_dilated`` (with an explicit ``pad`` in front in the two
-configurations whose gradient XLA's CPU backend mishandles, see ``_pad_explicitly``). Other
-padding modes pad explicitly (reflect, edge, wrap) and then run a VALID convolution.
+configurations whose gradient XLA's CPU backend mishandles, see
+:mod:`jaxconv._src.conv_workarounds`). Other padding modes pad explicitly (reflect, edge, wrap)
+and then run a VALID convolution.
 
 ``conv_transpose`` is the adjoint (transpose) of ``conv`` with respect to ``x``: it dilates its
 input by the stride, pads it by ``d*(k-1) - lo`` and ``d*(k-1) - hi + r`` (``r`` the part of the
@@ -21,6 +22,7 @@ from jax import lax
 
 from jaxconv._src.args import check_data_format, check_floating, is_int, layout_axes, per_axis
 from jaxconv._src.arithmetic import pool_output_size_1d, resolve_padding, transpose_sizes
+from jaxconv._src.conv_workarounds import avoid_group_window, crop_low, pad_explicitly
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _NUMPY_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -139,6 +141,39 @@ def _check_bias(fname: str, bias, channels: int) -> None:
         )
 
 
+_PRECISIONS = (
+    "default",
+    "high",
+    "highest",
+    "fastest",
+    "bfloat16",
+    "bfloat16_3x",
+    "tensorfloat32",
+    "float32",
+)
+
+
+def _check_precision(fname: str, precision):
+    """``precision`` as ``lax.conv_general_dilated`` takes it: None, a ``lax.Precision`` or its
+    name, or a pair of these (for ``x`` and ``w``)."""
+
+    def ok(p):
+        return isinstance(p, lax.Precision) or (isinstance(p, str) and p in _PRECISIONS)
+
+    if not (precision is None or isinstance(precision, (str, lax.Precision, tuple, list))):
+        raise TypeError(
+            f"{fname}: `precision` must be None, a jax.lax.Precision, a string or a pair, got "
+            f"{precision!r} of type {type(precision).__name__}."
+        )
+    pair = isinstance(precision, (tuple, list)) and len(precision) == 2
+    if not (precision is None or ok(precision) or (pair and all(map(ok, precision)))):
+        raise ValueError(
+            f"{fname}: `precision` must be None, a jax.lax.Precision, one of {_PRECISIONS} "
+            f"or a pair of these (for the input and the kernel), got {precision!r}."
+        )
+    return tuple(lax.Precision(p) for p in precision) if pair else precision
+
+
 def _one_batch_axis(x, batch_shape):
     """``x`` with exactly one leading batch axis: added (none), kept (one) or merged (several)."""
     if len(batch_shape) == 1:
@@ -220,6 +255,7 @@ def conv(
     padding_mode: str = "zeros",
     bias: jax.typing.ArrayLike | None = None,
     data_format: str = "channels_last",
+    precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """N-d convolution (cross-correlation, as in PyTorch and lax) with ``n = w.ndim - 2``.
 
@@ -239,6 +275,9 @@ def conv(
       padding_mode: "zeros", "reflect", "replicate" or "circular" (PyTorch's modes and limits).
       bias: ``(C_out,)`` or None.
       data_format: "channels_last" or "channels_first".
+      precision: passed to ``lax.conv_general_dilated``: None (XLA's default, TensorFloat-32
+        products for float32 on recent NVIDIA GPUs), a ``lax.Precision`` or its name ("highest"
+        for full float32), or a pair for ``x`` and ``w``.
 
     Returns:
       ``(*batch, *out_spatial, C_out)`` (or channels first) of ``x``'s dtype, ``out_spatial`` as
@@ -254,6 +293,7 @@ def conv(
       (2, 8, 8, 16)
     """
     fname = "conv"
+    precision = _check_precision(fname, precision)
     x, w, bias = _check_arrays(fname, "x", x, w, bias)
     lay = _layout(fname, "x", x, w, data_format)
     groups = _check_groups(fname, "x", groups, lay.channels, lay.w_in, lay.w_out)
@@ -262,7 +302,7 @@ def conv(
     xb = _one_batch_axis(x, lay.batch_shape)
     xb, pads = _pad_mode(fname, xb, lay, pads, padding_mode)
     # Padding that XLA's CPU backend would mishandle in the gradient is applied explicitly.
-    xb, pads = _pad_explicitly(xb, lay, stride, pads, dilation)
+    xb, pads = pad_explicitly(xb, lay, stride, pads, dilation)
     out = lax.conv_general_dilated(
         xb,
         w,
@@ -271,6 +311,7 @@ def conv(
         rhs_dilation=dilation,
         dimension_numbers=lay.dimension_numbers(),
         feature_group_count=groups,
+        precision=precision,
     )
     out = _add_bias(out, bias, lay.channel_axis)
     return _restore_batch(out, lay.batch_shape)
@@ -352,6 +393,7 @@ def conv_transpose(
     groups: int = 1,
     bias: jax.typing.ArrayLike | None = None,
     data_format: str = "channels_last",
+    precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """Transposed convolution: the exact adjoint of :func:`conv` with the same ``w`` and arguments.
 
@@ -374,6 +416,7 @@ def conv_transpose(
       groups: the convolution's feature groups.
       bias: ``(C_in,)`` (one per output channel of this function) or None.
       data_format: "channels_last" or "channels_first".
+      precision: as in :func:`conv`.
 
     Returns:
       ``(*batch, *out_spatial, C_in)`` (or channels first), ``out_spatial`` as in
@@ -390,6 +433,7 @@ def conv_transpose(
       (1, 8, 8, 8)
     """
     fname = "conv_transpose"
+    precision = _check_precision(fname, precision)
     y, w, bias = _check_arrays(fname, "y", y, w, bias)
     lay = _layout(fname, "y", y, w, data_format)
     groups = _check_transpose_groups(fname, groups, lay)
@@ -399,7 +443,7 @@ def conv_transpose(
     output_padding = per_axis(fname, "output_padding", output_padding, lay.n, minimum=0)
     tpads = _transpose_geometry(fname, lay, padding, stride, dilation, output_padding)
     yb = _one_batch_axis(y, lay.batch_shape)
-    tpads, crop = _avoid_group_window(tpads, lay, stride, dilation)
+    tpads, crop = avoid_group_window(tpads, lay, stride, dilation)
     out = lax.conv_general_dilated(
         yb,
         _transpose_kernel(w, lay, groups),
@@ -409,66 +453,8 @@ def conv_transpose(
         rhs_dilation=dilation,
         dimension_numbers=lay.dimension_numbers(transpose=True),
         feature_group_count=groups,
+        precision=precision,
     )
-    out = _crop_low(out, lay.spatial_axes, crop)
+    out = crop_low(out, lay.spatial_axes, crop)
     out = _add_bias(out, bias, lay.channel_axis)
     return _restore_batch(out, lay.batch_shape)
-
-
-# XLA's CPU compiler (its convolution operand swap) reads an axis of a base-dilated convolution
-# with window 2, base dilation 2, stride 1, no padding and no window dilation as a "group" axis,
-# and aborts ("Window dimensions do not match RHS shape") when it also swaps the operands because
-# the other axes' input is smaller than their kernel. Such a window arises on an axis with kernel
-# 2, stride 2 and dilation 1: in ``conv_transpose`` when its adjoint padding is 0 on both sides,
-# and in the gradient of ``conv`` when the low padding is 1. Padding those axes differently keeps
-# every convolution XLA sees out of that pattern; nothing changes on other axes.
-
-
-def _group_window_axes(stride, dilation, kernel) -> list[bool]:
-    """Axes whose lhs-dilated convolution can take the form XLA mistakes for a group axis."""
-    return [k == 2 and s == 2 and d == 1 for k, s, d in zip(kernel, stride, dilation, strict=True)]
-
-
-def _pad_explicitly(x, lay: _Layout, stride, pads, dilation):
-    """Padding the convolution's gradient would mishandle, applied to ``x`` explicitly.
-
-    - Padding beyond the kernel's span ``d*(k-1)`` (outputs that read padding only): the
-      gradient's transposed convolution would get negative padding, which XLA's CPU
-      convolution gets wrong (it reads uninitialised memory).
-    - The low padding of kernel-2, stride-2 axes, whose gradient would otherwise have the
-      group-axis form (above).
-
-    XLA folds the explicit padding into the forward convolution again.
-    """
-    risky = _group_window_axes(stride, dilation, lay.kernel)
-    explicit = []
-    for r, k, d, (lo, hi) in zip(risky, lay.kernel, dilation, pads, strict=True):
-        span = d * (k - 1)
-        explicit.append((lo if r else max(0, lo - span), max(0, hi - span)))
-    if not any(lo or hi for lo, hi in explicit):
-        return x, pads
-    config = [(0, 0, 0)] * x.ndim
-    for axis, (lo, hi) in zip(lay.spatial_axes, explicit, strict=True):
-        config[axis] = (lo, hi, 0)
-    x = lax.pad(x, jnp.zeros((), x.dtype), config)
-    return x, tuple(
-        (lo - e_lo, hi - e_hi) for (e_lo, e_hi), (lo, hi) in zip(explicit, pads, strict=True)
-    )
-
-
-def _avoid_group_window(tpads, lay: _Layout, stride, dilation):
-    """One more output on the low side of axes whose adjoint convolution would have the
-    group-axis form (kernel 2, stride 2, padding 0 on both sides); it is cropped off again."""
-    risky = _group_window_axes(stride, dilation, lay.kernel)
-    crop = [int(r and tuple(p) == (0, 0)) for r, p in zip(risky, tpads, strict=True)]
-    return tuple((lo + c, hi) for c, (lo, hi) in zip(crop, tpads, strict=True)), crop
-
-
-def _crop_low(x, axes, amounts):
-    """``x`` without the first ``amounts`` entries of ``axes``."""
-    if not any(amounts):
-        return x
-    start = [0] * x.ndim
-    for axis, amount in zip(axes, amounts, strict=True):
-        start[axis] = amount
-    return lax.slice(x, start, x.shape)
