@@ -1,5 +1,7 @@
 """fractional_max_pool against PyTorch, and Graham's sequences of fractional_max_pool_graham."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,9 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import jaxconv
-from jaxconv._src.fractional import torch_starts
-from jaxconv._src.graham import graham_bounds
+from jaxconv._src import select
+from jaxconv._src.fractional import FractionalPlan, _spread_starts, torch_starts
+from jaxconv._src.graham import graham_bounds, graham_windows
 
 TORCH_FRACTIONAL = {2: F.fractional_max_pool2d, 3: F.fractional_max_pool3d}
 
@@ -370,3 +373,95 @@ def test_integer_alpha_starts_stay_in_the_band(dtype):
         start = np.asarray(torch_starts(jnp.asarray(u), (out - 1) * a + k, out, k))
         rel = start - (np.arange(out) - 1) * a
         assert rel.min() >= 0 and rel.max() <= 2 * a, (a, k, out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_starts_before_the_last_strictly_increase(dtype):
+    """The premise of the GPU tangent's unique-index gathers (checked at run time there too):
+    with ``out + k - 1 <= in`` the starts before the last strictly increase, also for samples
+    just below 1 and below ``1 - 2**-m``; the last start (``in - k``) may repeat the one before."""
+    rng = np.random.default_rng(10)
+    near = [dtype(1) - dtype(2.0) ** -m for m in range(1, 30)]
+    near += [np.nextafter(v, dtype(0)) for v in near]
+    u = np.concatenate([[0, 0.5], near, rng.random(300)]).astype(dtype)
+    repeats = 0
+    for size, k, out in [(7, 3, 5), (56, 3, 27), (100, 2, 99), (1000, 4, 997), (5000, 3, 1777)]:
+        start = np.asarray(torch_starts(jnp.asarray(u), size, out, k))
+        assert np.diff(start[:, :-1], axis=-1).min() >= 1, (size, k, out)
+        repeats += int((start[:, -1] == start[:, -2]).sum())
+    assert dtype is np.float64 or repeats > 0  # float32 samples near 1 do repeat the last
+
+
+@pytest.mark.parametrize("overlapping", [False, True])
+def test_graham_taps_before_the_last_name_distinct_inputs(overlapping):
+    """Each tap of Graham's windows before the last (``start + min(j, length - 1)``) reads
+    every input at most once (an overlapping last window is clipped and may repeat one)."""
+    for seed, (size, out) in enumerate([(10, 7), (56, 27), (100, 33), (9, 9), (64, 5)]):
+        for pseudo_random in (False, True):
+            (bounds,) = graham_bounds(jax.random.key(seed), (size,), (out,), pseudo_random)
+            start, length = graham_windows(bounds, size, overlapping)
+            for j in range(int(length.max())):
+                tap = np.asarray(start + jnp.minimum(j, length - 1))
+                assert np.diff(tap[:-1]).min(initial=1) >= 1, (size, out, j)
+
+
+def _torch_plan(u, axis, size, k, out):
+    start = torch_starts(u[..., axis - 1], size, out, k)
+    return FractionalPlan(axis, size, k, out), (_spread_starts(start, axis - 1, 2, True), None)
+
+
+def _graham_plan(key, axis, size, out):
+    (bounds,) = graham_bounds(key, (size,), (out,), False)
+    aux = graham_windows(bounds, size, True)
+    return FractionalPlan(axis, size, int(aux[1].max()), out), aux
+
+
+@pytest.mark.parametrize("starts", ["torch", "torch repeating", "graham"])
+def test_tap_by_tap_tangent_equals_the_stacked_one(starts):
+    """GPUs pick the tangent tap by tap (unique-index gathers, collision-free transposes) where
+    no start repeats before the last window, else from one stacked gather as the CPU does. Both
+    forms and their transposes agree, with repeated last starts and with repeats before."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((2, 19, 17, 3)), jnp.float32)
+    u = jnp.asarray(rng.random((2, 3, 2)), jnp.float32)
+    u = u.at[0, 1].set(np.nextafter(np.float32(1), np.float32(0)))  # repeats the last start
+    for axis, k, out in [(1, 3, 8), (2, 2, 11)]:
+        size = x.shape[axis]
+        if starts == "graham":
+            plan, aux = _graham_plan(jax.random.key(axis), axis, size, out)
+        else:
+            plan, aux = _torch_plan(u, axis, size, k, out)
+        if starts == "torch repeating":  # a start repeated mid-sequence: the stacked fallback
+            aux = (jnp.take(aux[0], np.r_[0:3, 2, 4:out], axis=axis), None)
+        assert bool(plan.distinct(aux, x.ndim)) == (starts != "torch repeating")
+        out_shape = (*x.shape[:axis], out, *x.shape[axis + 1 :])
+        offset = jnp.asarray(rng.integers(0, plan.kernel, out_shape), jnp.int8)
+        forms = [
+            functools.partial(f, aux=aux, offset=offset, plan=plan)
+            for f in (select._pick_window_of, select._pick_distinct)
+        ]
+        np.testing.assert_array_equal(forms[1](x), forms[0](x))
+        ct = jnp.asarray(rng.integers(-4, 5, out_shape), jnp.float32)  # exact sums
+        grads = [jax.linear_transpose(f, x)(ct)[0] for f in forms]
+        np.testing.assert_array_equal(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("graham", [False, True])
+def test_gradient_is_bitwise_reproducible(graham):
+    """Overlapping windows with a non-integer alpha: two compilations, the same gradient bits
+    (on GPUs the tangent's transposes are scatters without collisions)."""
+    x = jax.random.normal(jax.random.key(3), (4, 31, 29, 8))
+    g = jax.random.normal(jax.random.key(4), (4, 12, 11, 8))
+
+    def pool(x):
+        if graham:
+            return jaxconv.fractional_max_pool_graham(
+                x, output_size=(12, 11), key=jax.random.key(5), overlapping=True
+            )
+        return jaxconv.fractional_max_pool(x, (3, 3), output_size=(12, 11), key=jax.random.key(5))
+
+    def grad_fn():
+        return jax.jit(lambda x: jax.vjp(pool, x)[1](g)[0])
+
+    a, b = grad_fn()(x), grad_fn()(x)
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

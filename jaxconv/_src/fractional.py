@@ -28,7 +28,9 @@ the tangent stacks a window's taps with one gather (``FractionalPlan.window``), 
 scatters once per axis instead of once per tap. With an integer ``alpha`` off the grid, the pick
 is a regular phase pick over a band (``FractionalPlan.pick``: pads and adds in reverse mode).
 Non-integer ``alpha`` (3x3, 56 -> 27) keeps the scatter: about 125 ms against PyTorch's 92 ms
-under load.
+under load. On GPUs, where a scatter-add of colliding indices sums in a varying order, the
+tangent gathers tap by tap instead (``FractionalPlan.distinct_taps``), each tap's indices
+unique because the starts strictly increase (``alpha >= 1``), checked at run time.
 """
 
 import dataclasses
@@ -101,6 +103,41 @@ class FractionalPlan:
             w = _take(x, index.reshape(*index.shape[:ax], -1, *index.shape[ax + 2 :]), ax)
         return w.reshape(*w.shape[:ax], self.out, k, *w.shape[ax + 1 :])
 
+    def _tap_indices(self, aux, ndim: int):
+        """Per tap, the input index of every window (1-D for shared starts, else broadcasting
+        against the array), and the axis of the windows in those indices."""
+        shared = aux[0].ndim == 1
+        indices = [self._index(aux, j, 1 if shared else ndim) for j in range(self.kernel)]
+        return indices, 0 if shared else self.axis
+
+    def distinct(self, aux, ndim: int) -> jax.Array:
+        """Whether each tap of the windows before the last reads every input at most once.
+
+        True unless rounding repeats a start: the increments are at least 1 (``alpha >= 1``);
+        only the last window may start where the one before it does (PyTorch's last start is
+        ``in - k`` whatever the sample; Graham's overlapping last window is clipped)."""
+        indices, axis = self._tap_indices(aux, ndim)
+        inner = [lax.slice_in_dim(i, 0, self.out - 1, 1, axis) for i in indices]
+        return functools.reduce(
+            jnp.logical_and, [jnp.all(jnp.diff(i, axis=axis) >= 1) for i in inner]
+        )
+
+    def distinct_taps(self, x, aux) -> list[jax.Array]:
+        """:meth:`taps` as gathers of unique indices where :meth:`distinct`: one for the
+        windows before the last, one for the last. Their transposes are scatters without
+        collisions, whose sums are the same on every run on GPUs too."""
+        indices, axis = self._tap_indices(aux, x.ndim)
+        taps = []
+        for index in indices:
+            parts = [lax.slice_in_dim(index, lo, hi, 1, axis) for lo, hi in self._parts()]
+            pieces = [_take_unique(x, part, self.axis) for part in parts]
+            taps.append(lax.concatenate(pieces, self.axis) if len(pieces) > 1 else pieces[0])
+        return taps
+
+    def _parts(self) -> list[tuple[int, int]]:
+        """The windows before the last, and the last."""
+        return [(0, self.out - 1), (self.out - 1, self.out)] if self.out > 1 else [(0, 1)]
+
     @property
     def stored_winners(self) -> bool:  # measured faster with the band pick only
         return self.step is not None
@@ -125,6 +162,16 @@ class FractionalPlan:
 
     def position(self, offset, aux) -> jax.Array:
         return self._index(aux, offset.astype(jnp.int32), offset.ndim)
+
+
+def _take_unique(x, index, axis):
+    """:func:`_take` promising XLA that no two entries of ``index`` along ``axis`` are equal."""
+    if index.ndim == 1 and x.ndim > 1:
+        return jnp.take(x, index, axis, mode="clip", unique_indices=True, indices_are_sorted=True)
+    shape = (*x.shape[:axis], index.shape[axis], *x.shape[axis + 1 :])
+    where = [lax.broadcasted_iota(jnp.int32, shape, d) for d in range(x.ndim)]
+    where[axis] = jnp.broadcast_to(index, shape)
+    return x.at[tuple(where)].get(mode="promise_in_bounds", unique_indices=True)
 
 
 def _take(x, index, axis):
@@ -334,8 +381,11 @@ def fractional_max_pool(
     Transformations: ``jit``, ``vmap`` (over ``x``, ``key`` or ``samples``), ``grad``/``vjp``,
     ``jvp`` and higher orders in ``x``; the derivative sends the cotangent to the selected
     maximum only, as PyTorch's. The samples get no gradient. Unless ``alpha`` is an integer,
-    reverse mode transposes gathers into scatter-adds: deterministic on CPU; on GPU, inputs
-    chosen by several overlapping windows may sum their cotangents in a varying order.
+    reverse mode transposes gathers into scatter-adds, bitwise reproducible: on the CPU one
+    per axis; on GPUs one per window tap, each of unique indices. The exception, on GPUs only:
+    where the samples' rounding repeats a window start before the last (bfloat16 on axes of
+    more than about 150 outputs), the one scatter per axis runs, and it may sum the cotangents
+    of overlapping windows in a varying order.
 
     Example:
       >>> x = jnp.arange(25.0).reshape(1, 5, 5, 1)

@@ -132,7 +132,9 @@ def fractional_max_pool_graham(
       of each maximum in the spatial volume of its (batch, channel).
 
     Transformations: ``jit``, ``vmap`` (over ``x`` or ``key``), ``grad``/``vjp``, ``jvp`` and
-    higher orders in ``x``; the cotangent goes to the selected maximum only.
+    higher orders in ``x``; the cotangent goes to the selected maximum only. Reverse mode
+    transposes gathers into scatter-adds, bitwise reproducible on every backend (on GPUs one
+    per window tap, each of unique indices).
 
     Example:
       >>> x = jnp.arange(36.0).reshape(1, 6, 6, 1)

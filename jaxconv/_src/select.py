@@ -14,11 +14,13 @@ axis at a time. Each axis is described by a *plan*, any object with
 
 A plan may also have ``window(x, aux)``: its taps stacked on a new axis right after ``axis``
 (shape ``(..., out, k, ...)``), built so that its transpose is cheap (a reshape, a few slices or
-one gather), or None where it has no such form. The tangent then picks the chosen tap with one
-compare-and-select over that axis instead of ``k`` selects over ``k`` taps, whose transpose adds
-``k`` padded arrays. Entries past a window's end are never picked and may hold anything. A plan
-may further have ``pick(t, aux, offset)``, its own tangent pick (None where it has none), and
-``stored_winners``: when true, the winners are found by reductions over ``window`` (below).
+one gather). The tangent then picks the chosen tap with one compare-and-select over that axis
+instead of ``k`` selects over ``k`` taps, whose transpose adds ``k`` padded arrays. Entries past
+a window's end are never picked and may hold anything. With ``window`` a plan may have
+``distinct(aux, ndim)`` and ``distinct_taps(x, aux)``: where the former holds, the latter are its
+taps as gathers of unique indices, which GPUs pick from instead (see :func:`_pick_stacked`). A
+plan may further have ``pick(t, aux, offset)``, its own tangent pick (None where it has none),
+and ``stored_winners``: when true, the winners are found by reductions over ``window`` (below).
 
 Tie rule (PyTorch's CPU kernels): scanning the window in row-major order, a value replaces the
 current maximum when it is larger or NaN; so the first maximum wins and the last NaN wins. Reducing
@@ -124,16 +126,43 @@ def pick(t, aux, plans, stages):
         if chosen is not None:
             t = chosen
             continue
-        window = getattr(plan, "window", None)
-        w = None if window is None else window(t, a)
-        if w is not None:
-            t = _pick_window(w, offset, plan.axis + 1)
+        if getattr(plan, "window", None) is not None:
+            t = _pick_stacked(t, a, plan, offset)
             continue
-        tt = plan.taps(t, jnp.asarray(0, t.dtype), a)
-        t = tt[0]
-        for j in range(1, len(tt)):
-            t = jnp.where(offset == j, tt[j], t)
+        t = _pick_taps(plan.taps(t, jnp.asarray(0, t.dtype), a), offset)
     return t
+
+
+def _pick_taps(taps, offset):
+    t = taps[0]
+    for j in range(1, len(taps)):
+        t = jnp.where(offset == j, taps[j], t)
+    return t
+
+
+def _pick_stacked(t, aux, plan, offset):
+    """The pick from ``plan.window``'s one gather, whose transpose scatter-adds overlapping
+    windows' taps at once. On GPUs, where such sums run in a varying order, plans with
+    ``distinct_taps`` gather tap by tap instead, where their indices do not repeat: scatters
+    without collisions (on the CPU the stacked form is faster, and deterministic)."""
+    stacked = functools.partial(_pick_window_of, plan=plan)
+    if getattr(plan, "distinct_taps", None) is None:
+        return stacked(t, aux, offset)
+    tapwise = functools.partial(_pick_distinct, plan=plan)
+    return lax.platform_dependent(t, aux, offset, cuda=tapwise, rocm=tapwise, default=stacked)
+
+
+def _pick_window_of(t, aux, offset, plan):
+    return _pick_window(plan.window(t, aux), offset, plan.axis + 1)
+
+
+def _pick_distinct(t, aux, offset, plan):
+    return lax.cond(
+        plan.distinct(aux, t.ndim),
+        lambda t: _pick_taps(plan.distinct_taps(t, aux), offset),
+        lambda t: _pick_window_of(t, aux, offset, plan),
+        t,
+    )
 
 
 def _use_reduce_window(plan) -> bool:
