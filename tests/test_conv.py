@@ -545,10 +545,15 @@ def test_precision_reaches_the_convolutions(precision, want):
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w)
     convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert len(convs) >= 4
+    # None is lax's own default (jax_default_matmul_precision, which conftest.py sets).
+    raw = jax.make_jaxpr(lambda a, b: lax.conv(a, b, (1, 1), "SAME"))(
+        jnp.ones((1, 1, 4, 4)), jnp.ones((1, 1, 3, 3))
+    )
+    default = raw.jaxpr.eqns[0].params["precision"]
     for eqn in convs:
         got = eqn.params["precision"]
         if want is None:
-            assert got is None
+            assert got == default
         else:
             names = tuple(p.name for p in got)
             assert names in (want, want[::-1]) if isinstance(want, tuple) else names == (want,) * 2
