@@ -15,7 +15,7 @@ from jax.test_util import check_grads
 
 import jaxconv
 from jaxconv._src import select
-from jaxconv._src.fractional import FractionalPlan, _spread_starts, torch_starts
+from jaxconv._src.fractional import FractionalPlan, _alpha, _spread_starts, torch_starts
 from jaxconv._src.graham import graham_bounds, graham_windows
 
 TORCH_FRACTIONAL = {2: F.fractional_max_pool2d, 3: F.fractional_max_pool3d}
@@ -465,3 +465,19 @@ def test_gradient_is_bitwise_reproducible(graham):
 
     a, b = grad_fn()(x), grad_fn()(x)
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_starts_round_every_operation(dtype):
+    """PyTorch's 16-bit starts round ``i + u`` and each product to the sample dtype (numpy's
+    16-bit arithmetic does the same), for every sample value in [0, 1)."""
+    u = np.arange(2**16, dtype=np.uint16).view(np.dtype(dtype))
+    u = u[(u.astype(np.float32) >= 0) & (u.astype(np.float32) < 1)]
+    starts = jax.jit(torch_starts, static_argnums=(1, 2, 3))
+    for size, k, out in [(56, 3, 27), (300, 2, 150), (4000, 2, 3999)]:
+        alpha = _alpha(size, out, k, dtype)
+        i = np.arange(out - 1).astype(dtype)
+        want = ((i + u[:, None]) * alpha).astype(np.int32) - (u * alpha).astype(np.int32)[:, None]
+        got = np.asarray(starts(jnp.asarray(u), size, out, k))
+        np.testing.assert_array_equal(got[:, :-1], want)
+        assert (got[:, -1] == size - k).all()

@@ -99,3 +99,16 @@ def test_cuda_tap_by_tap_fractional_tangent_scatters_unique_indices(graham):
         jax.linear_transpose(pick, X), jnp.ones((2, 5, 12, 3), jnp.float32)
     )
     assert unique and not colliding, colliding[:1]
+
+
+def test_cuda_half_precision_starts_round_explicitly():
+    """16-bit window starts round every operation with ``reduce_precision``, which XLA's GPU
+    compiler keeps (it may drop a float32 -> bfloat16 -> float32 round trip)."""
+    x = X.astype(jnp.bfloat16)
+    samples = jnp.asarray(SAMPLES, jnp.bfloat16)
+
+    def pool(x):
+        return jaxconv.fractional_max_pool(x, (3, 3), output_size=(5, 6), samples=samples)
+
+    text = jax.export.export(jax.jit(pool), platforms=["cuda"])(x).mlir_module()
+    assert text.count("stablehlo.reduce_precision") >= 4
