@@ -211,13 +211,15 @@ def torch_starts(u: jax.Array, size: int, out: int, kernel: int) -> jax.Array:
     i = jnp.arange(out - 1).astype(u.dtype)
     u = u[..., None]
     if jnp.finfo(u.dtype).bits < 32:
-        # Each 16-bit result rounded explicitly: XLA's GPU compiler computes 16-bit arithmetic
-        # in float32 and may drop the rounding between two operations.
+        # Each 16-bit value rounded explicitly, the operands too: XLA's GPU compiler computes
+        # 16-bit arithmetic in float32 and drops a rounding conversion to 16 bits and back
+        # ("excess precision"), so a 16-bit value it gets may still hold float32 digits.
         info = jnp.finfo(u.dtype)
         rounded = functools.partial(
             lax.reduce_precision, exponent_bits=info.nexp, mantissa_bits=info.nmant
         )
-        i, u, alpha = (v.astype(jnp.float32) for v in (i, u, alpha))
+        i = jnp.arange(out - 1, dtype=jnp.float32)
+        i, u, alpha = (rounded(v.astype(jnp.float32)) for v in (i, u, alpha))
         start = rounded(rounded(i + u) * alpha).astype(jnp.int32)
         return jnp.concatenate([start - rounded(u * alpha).astype(jnp.int32), last], axis=-1)
     start = ((i + u) * alpha).astype(jnp.int32) - (u * alpha).astype(jnp.int32)
