@@ -118,7 +118,8 @@ def test_pooling_modules_call_their_function(name):
     layer = make()
     assert not jax.tree.leaves(nnx.state(layer))
     x = _x((2, 9, 7, 3), name)
-    chex.assert_trees_all_close(_call(layer, x), function(x), rtol=1e-6)
+    # both compiled: eager op-by-op rounding may differ from a fused program's on a GPU
+    chex.assert_trees_all_close(_call(layer, x), jax.jit(function)(x), rtol=1e-6, atol=1e-7)
 
 
 def test_max_pool_module_matches_torch():
