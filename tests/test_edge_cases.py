@@ -86,6 +86,20 @@ def test_all_zero_input_gives_zeros_and_finite_gradients(name):
     assert np.isfinite(np.asarray(g)).all(), f"{name}: non-finite gradient at zero input"
 
 
+@pytest.mark.parametrize("name", list(OPS))
+def test_empty_batch_and_channels(name):
+    """A batch (or, pooling, channel) axis of size 0 gives an empty output of the right shape
+    and an empty gradient, as PyTorch does."""
+    full = jax.eval_shape(OPS[name], jnp.zeros((2, 5, 6, 3))).shape
+    axes = [0] if name.startswith("conv") else [0, 3]
+    for axis in axes:
+        shape = [2, 5, 6, 3]
+        shape[axis] = 0
+        y, g = jit_value_and_grad(OPS[name], jnp.zeros(shape))
+        assert y.shape == (*full[:axis], 0, *full[axis + 1 :])
+        assert g.shape == tuple(shape)
+
+
 @pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 3.0, 7.5, math.inf])
 def test_lp_zero_windows_have_zero_gradient(p):
     """Zero windows (partially zero input) give 0 and a zero gradient, never NaN (also d/dp)."""

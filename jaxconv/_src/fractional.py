@@ -100,7 +100,8 @@ class FractionalPlan:
             shape = [1] * (x.ndim + 1)
             shape[ax + 1] = k
             index = start + lax.broadcasted_iota(jnp.int32, tuple(shape), ax + 1)
-            w = _take(x, index.reshape(*index.shape[:ax], -1, *index.shape[ax + 2 :]), ax)
+            flat = (*index.shape[:ax], index.shape[ax] * k, *index.shape[ax + 2 :])
+            w = _take(x, index.reshape(flat), ax)
         return w.reshape(*w.shape[:ax], self.out, k, *w.shape[ax + 1 :])
 
     def _tap_indices(self, aux, ndim: int):
@@ -329,11 +330,11 @@ def _samples(fname, x, key, samples, n, lead, channels) -> jax.Array:
 
 def _spread_starts(start, i, n, channels_last):
     """Starts ``(*lead, C, out)`` of spatial axis ``i`` shaped to broadcast against ``x``."""
-    lead, out = start.shape[:-2], start.shape[-1]
+    *lead, channels, out = start.shape
     ones = (1,) * i, (1,) * (n - 1 - i)
     if channels_last:
-        return jnp.swapaxes(start, -1, -2).reshape(*lead, *ones[0], out, *ones[1], -1)
-    return start.reshape(*lead, -1, *ones[0], out, *ones[1])
+        return jnp.swapaxes(start, -1, -2).reshape(*lead, *ones[0], out, *ones[1], channels)
+    return start.reshape(*lead, channels, *ones[0], out, *ones[1])
 
 
 def layout_sizes(fname, x, n, data_format):
