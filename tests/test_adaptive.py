@@ -73,6 +73,9 @@ CASES = [
     ((10, 13), (4, 20), "channels_first", np.float64),
     ((9, 8), (None, 3), "channels_last", np.float64),
     ((7, 7), (1, 1), "channels_first", np.float32),
+    ((7, 7), (1, 1), "channels_last", np.float64),
+    ((5, 6, 7), (1, 1, None), "channels_last", np.float32),
+    ((5, 6, 7), (1, None, 1), "channels_last", np.float32),
     ((3, 11), (8, 11), "channels_last", np.float32),
     ((5, 6, 7), (3, None, 9), "channels_first", np.float32),
     ((4, 4, 6), (2, 3, 5), "channels_last", np.float64),
@@ -202,12 +205,33 @@ def test_half_precision(dtype):
     np.testing.assert_array_equal(np.asarray(mx, np.float32), ref_max)
 
 
+@pytest.mark.parametrize(
+    ("data_format", "shape", "output_size", "product"),
+    [
+        ("channels_last", (2, 7, 7, 64), (1, 1), True),
+        ("channels_last", (2, 5, 6, 7, 3), (1, 1, None), True),
+        ("channels_last", (2, 5, 6, 7, 3), (1, None, 1), False),  # axes not contiguous
+        ("channels_first", (2, 64, 7, 7), (1, 1), False),  # nothing after the axes
+    ],
+)
+def test_global_average_on_the_cpu_is_a_product_with_ones(data_format, shape, output_size, product):
+    """Whole contiguous axes with channels after them are summed by a batched dot on the CPU
+    (faster than XLA's reduction over middle axes); the values are checked in
+    test_matches_torch."""
+    x = jnp.zeros(shape)
+    f = jax.jit(lambda x: jaxconv.adaptive_avg_pool(x, output_size, data_format=data_format))
+    hlo = f.lower(x).compile().as_text()
+    assert (" dot(" in hlo) == product
+    hlo16 = f.lower(x.astype(jnp.bfloat16)).compile().as_text()
+    assert " dot(" not in hlo16  # a float32 copy of 16-bit input is slower to multiply
+
+
 def test_large_values_stay_finite():
     x = jnp.full((1, 30, 1), 6e4, jnp.float16)  # a float16 sum would overflow
     np.testing.assert_array_equal(jaxconv.adaptive_avg_pool(x, (3,)), jnp.full((1, 3, 1), 6e4))
     rng = np.random.default_rng(9)
     big = rng.uniform(1e38, 3e38, (2, 12, 10, 2)).astype(np.float32)  # float32 sums overflow
-    for size in [(4, 5), (5, 3)]:  # divisible (one reshape) and masked taps
+    for size in [(4, 5), (5, 3), (1, 1)]:  # divisible (one reshape), masked taps, global
         y = jax.jit(lambda v, s=size: jaxconv.adaptive_avg_pool(v, s))(big)
         ref = F.adaptive_avg_pool2d(
             torch.tensor(np.moveaxis(big, -1, 1), dtype=torch.float64), size

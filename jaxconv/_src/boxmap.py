@@ -14,6 +14,7 @@ blocks are written into the output with ``dynamic_update_slice`` (in place).
 
 import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -256,12 +257,30 @@ def tiles(plans) -> bool:
     )
 
 
-def tile_sum(x: jax.Array, plans) -> jax.Array:
-    """The window sums of tiling windows (:func:`tiles`): a crop, a reshape, one reduction."""
+def tile_sum(x: jax.Array, plans, matmul: bool = False) -> jax.Array:
+    """The window sums of tiling windows (:func:`tiles`): a crop, a reshape, one reduction.
+
+    ``matmul``: where one window covers whole contiguous axes that have more elements after
+    them (global pooling in channels_last), the CPU sums it as a batched product with ones
+    instead, which XLA runs faster than a reduction over middle axes. float32 NHWC average
+    7x7 -> 1: (32, 7, 7, 64) 0.020 against 0.050 ms, (32, 7, 7, 2048) 0.09-0.11 against
+    0.12-0.13 ms; float64 alike. Not for 16-bit input converted to float32 (0.5 against 0.11
+    ms), nor channels_first (no gain).
+    """
     limits = list(x.shape)
     for p in plans:
         limits[p.axis] = p.out * p.kernel
     x = lax.slice(x, [0] * x.ndim, limits)
+    if matmul and _whole_middle_axes(x, plans):
+        return lax.platform_dependent(
+            x,
+            cpu=functools.partial(_ones_product, plans=plans),
+            default=functools.partial(_tile_reduce, plans=plans),
+        )
+    return _tile_reduce(x, plans)
+
+
+def _tile_reduce(x, plans):
     kernel = {p.axis: p.kernel for p in plans}
     shape, reduce_axes = [], []
     for axis, size in enumerate(x.shape):
@@ -271,6 +290,26 @@ def tile_sum(x: jax.Array, plans) -> jax.Array:
         else:
             shape.append(size)
     return jnp.sum(x.reshape(shape), axis=tuple(reduce_axes))
+
+
+def _whole_middle_axes(x, plans) -> bool:
+    axes = sorted(p.axis for p in plans)
+    return (
+        all(p.out == 1 for p in plans)
+        and axes == list(range(axes[0], axes[-1] + 1))
+        and np.prod(x.shape[axes[-1] + 1 :]) > 1
+    )
+
+
+def _ones_product(x, plans):
+    """:func:`_tile_reduce` for windows over whole middle axes: ``(pre, S, post)`` times ones."""
+    first, last = min(p.axis for p in plans), max(p.axis for p in plans)
+    pre, size = math.prod(x.shape[:first]), math.prod(x.shape[first : last + 1])
+    v = x.reshape(pre, size, math.prod(x.shape[last + 1 :]))
+    ones = jnp.ones((pre, 1, size), x.dtype)
+    dims = (((2,), (1,)), ((0,), (0,)))
+    total = lax.dot_general(ones, v, dims, precision=lax.Precision.HIGHEST)
+    return total.reshape([1 if first <= a <= last else n for a, n in enumerate(x.shape)])
 
 
 def window_shapes(shape, kernel: dict) -> tuple[list[int], list[int]]:
@@ -312,7 +351,8 @@ def may_overflow(dtype, count: int) -> bool:
 def safe_mean(total, x, count, largest: int):
     """``total(x) / count``, as PyTorch (sum, then divide), without overflow where the mean is
     finite: where the sum overflows, the sum of ``x * 2**-e`` (``2**e >= largest``, an exact
-    scaling) is divided and scaled back; that second pass runs only when a mean is infinite.
+    scaling) is divided and scaled back; that second pass runs only when the means do not sum
+    to a finite number.
 
     16-bit ``x`` is summed in float32, converted inside each pass: XLA then fuses the
     conversion into the reduction, where a converted ``x`` handed to the rescue branch was
@@ -329,5 +369,7 @@ def safe_mean(total, x, count, largest: int):
         scaled = scaled * jnp.asarray(scale, dtype)
         return jnp.where(jnp.isinf(mean) & ~jnp.isinf(scaled), scaled, mean)
 
-    # Only runs when some mean is infinite (an overflow, or an infinite input).
-    return lax.cond(jnp.any(jnp.isinf(mean)), rescue, lambda mean, x: mean, mean, x)
+    # Runs when some mean is infinite (an overflow, or an infinite input), and harmlessly when
+    # the check's own sum overflows or meets a NaN. The sum to a scalar is cheaper than
+    # `any(isinf)`: (32, 7, 7, 2048) -> 1x1 float32 0.12 against 0.14 ms in all.
+    return lax.cond(~jnp.isfinite(jnp.sum(mean)), rescue, lambda mean, x: mean, mean, x)
