@@ -3,7 +3,8 @@
 from jaxconv._src.adaptive import adaptive_avg_pool, adaptive_max_pool
 from jaxconv._src.arithmetic import conv_output_size, conv_transpose_output_size
 from jaxconv._src.avg import avg_pool
-from jaxconv._src.conv import conv, conv_transpose
+from jaxconv._src.conv import conv
+from jaxconv._src.conv_transpose import conv_transpose
 from jaxconv._src.fractional import fractional_max_pool
 from jaxconv._src.graham import fractional_max_pool_graham
 from jaxconv._src.lp import lp_pool

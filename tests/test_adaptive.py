@@ -218,7 +218,7 @@ def test_global_average_on_the_cpu_is_a_product_with_ones(data_format, shape, ou
     """Whole contiguous axes with channels after them are summed by a batched dot on the CPU
     (faster than XLA's reduction over middle axes); the values are checked in
     test_matches_torch."""
-    x = jnp.zeros(shape)
+    x = jax.device_put(jnp.zeros(shape), jax.devices("cpu")[0])  # the CPU's program on any host
     f = jax.jit(lambda x: jaxconv.adaptive_avg_pool(x, output_size, data_format=data_format))
     hlo = f.lower(x).compile().as_text()
     assert (" dot(" in hlo) == product

@@ -126,8 +126,9 @@ def test_which_convolutions_take_the_taps(channels, groups, kernel, taps):
     """On the CPU depthwise kernels of up to 49 taps are a sum of slices (no convolution left in
     the program); larger kernels and other groupings stay with XLA's convolution, and the
     program lowered for a GPU keeps it too."""
-    x = jnp.ones((2, 10, 10, channels))
-    w = jnp.ones((*kernel, channels // groups, channels))
+    cpu = jax.devices("cpu")[0]  # the CPU's program on any host
+    x = jax.device_put(jnp.ones((2, 10, 10, channels)), cpu)
+    w = jax.device_put(jnp.ones((*kernel, channels // groups, channels)), cpu)
     f = jax.jit(lambda x, w: conv(x, w, padding=1, groups=groups))
     assert ("convolution" in _ops(f.lower(x, w).compile().as_text())) != taps
     lowered = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()

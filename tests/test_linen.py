@@ -16,6 +16,7 @@ import optax
 import pytest
 import torch
 import torch.nn.functional as F
+from jaxprs import primitives
 
 import jaxconv
 from jaxconv import linen as jcl
@@ -86,8 +87,7 @@ def test_conv_modules_pass_precision_on(layer):
     module = layer(features=3, kernel_size=(3, 3), precision="highest")
     x = jnp.ones((1, 5, 5, 2), jnp.float32)
     params = module.init(jax.random.key(0), x)
-    eqns = jax.make_jaxpr(module.apply)(params, x).jaxpr.eqns
-    convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
+    convs = primitives(jax.make_jaxpr(module.apply)(params, x), "conv_general_dilated")
     assert [[p.name for p in e.params["precision"]] for e in convs] == [["HIGHEST", "HIGHEST"]]
 
 

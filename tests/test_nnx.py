@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
+from jaxprs import primitives
 
 import jaxconv
 from jaxconv import nnx as jcn
@@ -72,11 +73,7 @@ def test_conv_transpose_matches_torch():
 def test_conv_modules_pass_precision_on(layer):
     module = layer(2, 3, (3, 3), precision="highest", rngs=nnx.Rngs(0))
     x = jnp.ones((1, 5, 5, 2), jnp.float32)
-    convs = [
-        e
-        for e in jax.make_jaxpr(module)(x).jaxpr.eqns
-        if e.primitive.name == "conv_general_dilated"
-    ]
+    convs = primitives(jax.make_jaxpr(module)(x), "conv_general_dilated")
     assert [[p.name for p in e.params["precision"]] for e in convs] == [["HIGHEST", "HIGHEST"]]
 
 

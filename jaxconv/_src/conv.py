@@ -1,4 +1,4 @@
-"""N-d convolution and its exact adjoint, on ``lax.conv_general_dilated``.
+"""N-d convolution on ``lax.conv_general_dilated``.
 
 ``conv`` passes ``dimension_numbers`` that match ``data_format`` and the weight layout, so no
 array is transposed and, with ``padding_mode="zeros"``, a single batch axis and no bias, the traced
@@ -9,10 +9,7 @@ and then run a VALID convolution. Depthwise convolutions of up to 49 taps are th
 the CPU: XLA runs them ``channels`` times too slowly, so they are a sum of window taps there
 (:mod:`jaxconv._src.depthwise`).
 
-``conv_transpose`` is the adjoint (transpose) of ``conv`` with respect to ``x``: it dilates its
-input by the stride, pads it by ``d*(k-1) - lo`` and ``d*(k-1) - hi + r`` (``r`` the part of the
-conv's padded input its windows never reach, i.e. ``output_padding``) and convolves with the
-spatially flipped kernel whose in/out channel roles are swapped (per group).
+:func:`~jaxconv.conv_transpose` (:mod:`jaxconv._src.conv_transpose`) is its adjoint in ``x``.
 """
 
 import dataclasses
@@ -24,8 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxconv._src.args import check_data_format, check_floating, is_int, layout_axes, per_axis
-from jaxconv._src.arithmetic import pool_output_size_1d, resolve_padding, transpose_sizes
-from jaxconv._src.conv_workarounds import avoid_group_window, crop_low, pad_explicitly
+from jaxconv._src.arithmetic import pool_output_size_1d, resolve_padding
+from jaxconv._src.conv_workarounds import pad_explicitly
 from jaxconv._src.depthwise import depthwise_conv, depthwise_plans, is_depthwise
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -330,148 +327,5 @@ def conv(
         out = depthwise_conv(xb, w, plans, lay.channel_axis, last, xla_conv)
     else:
         out = xla_conv(xb, w)
-    out = _add_bias(out, bias, lay.channel_axis)
-    return _restore_batch(out, lay.batch_shape)
-
-
-def _check_transpose_groups(fname: str, groups, lay: _Layout) -> int:
-    if not is_int(groups):
-        raise TypeError(f"{fname}: `groups` must be an int, got {groups!r}.")
-    if groups < 1:
-        raise ValueError(f"{fname}: `groups` must be >= 1, got {groups}.")
-    if lay.channels != lay.w_out:
-        raise ValueError(
-            f"{fname}: `y` must have the {lay.w_out} channels of the convolution's output "
-            f"(the out-channel axis of `w`), got {lay.channels}."
-        )
-    if lay.w_out % groups:
-        raise ValueError(
-            f"{fname}: the {lay.w_out} channels of `y` are not divisible by groups={groups}."
-        )
-    return int(groups)
-
-
-def _transpose_geometry(fname, lay: _Layout, padding, stride, dilation, output_padding):
-    """Output sizes and the (lo, hi) padding of the adjoint's dilated convolution."""
-    n, outs = lay.n, lay.sizes
-    allowed = ("VALID", "SAME", "FULL")
-    if isinstance(padding, str) and padding.upper() == "SAME":
-        if any(output_padding):
-            raise ValueError(
-                f"{fname}: with padding='SAME' the output size is input size * stride, so "
-                f"`output_padding` must be 0, got {output_padding}."
-            )
-        sizes = tuple(o * s for o, s in zip(outs, stride, strict=True))
-        pads = resolve_padding(
-            fname, padding, n, kernel=lay.kernel, stride=stride, dilation=dilation, in_sizes=sizes
-        )
-    else:
-        pads = resolve_padding(
-            fname, padding, n, kernel=lay.kernel, stride=stride, dilation=dilation, allowed=allowed
-        )
-        sizes = transpose_sizes(fname, outs, lay.kernel, stride, pads, output_padding, dilation)
-    tpads = []
-    for i, o, k, s, d, (lo, hi) in zip(
-        sizes, outs, lay.kernel, stride, dilation, pads, strict=True
-    ):
-        span = d * (k - 1)
-        rest = i + lo + hi - span - 1 - (o - 1) * s  # padded input no window of the conv reaches
-        tpads.append((span - lo, span - hi + rest))
-    return tuple(tpads)
-
-
-def _transpose_kernel(w, lay: _Layout, groups: int):
-    """``w`` flipped in space, regrouped so that its in/out roles can be swapped per group."""
-    n = lay.n
-    last = lay.data_format == "channels_last"
-    w = lax.rev(w, tuple(range(n)) if last else tuple(range(2, n + 2)))
-    if groups == 1:
-        return w
-    o_per, i_per = lay.w_out // groups, lay.w_in
-    k = lay.kernel
-    if last:  # (*k, I/g, O) -> (*k, I/g, g, O/g) -> (*k, g, I/g, O/g) -> (*k, C_in, O/g)
-        w = w.reshape((*k, i_per, groups, o_per))
-        w = jnp.swapaxes(w, n, n + 1)
-        return w.reshape((*k, groups * i_per, o_per))
-    # (O, I/g, *k) -> (g, O/g, I/g, *k) -> (O/g, g, I/g, *k) -> (O/g, C_in, *k)
-    w = w.reshape((groups, o_per, i_per, *k))
-    w = jnp.swapaxes(w, 0, 1)
-    return w.reshape((o_per, groups * i_per, *k))
-
-
-def conv_transpose(
-    y: jax.typing.ArrayLike,
-    w: jax.typing.ArrayLike,
-    *,
-    stride=1,
-    padding=0,
-    output_padding=0,
-    dilation=1,
-    groups: int = 1,
-    bias: jax.typing.ArrayLike | None = None,
-    data_format: str = "channels_last",
-    precision: lax.PrecisionLike = None,
-) -> jax.Array:
-    """Transposed convolution: the exact adjoint of :func:`conv` with the same ``w`` and arguments.
-
-    ``conv_transpose(g, w, **kw) == jax.vjp(lambda x: conv(x, w, **kw), x)[1](g)[0]`` for ``x`` of
-    the output shape below (zero padding); with channels_first this is PyTorch's
-    ``F.conv_transpose{1,2,3}d(g, w, ...)`` with the very same ``(C_out, C_in // groups, *kernel)``
-    tensor. The seed's dE/dA is ``conv_transpose(ones((3, 3, 1)), B[..., None, None])``.
-
-    Args:
-      y: ``(*batch, *spatial, C_out)`` (channels_last) or ``(*batch, C_out, *spatial)``: shaped
-        like an output of ``conv``; ``*batch`` may be empty or several axes.
-      w: the convolution's weight, ``(*kernel, C_in // groups, C_out)`` for channels_last,
-        ``(C_out, C_in // groups, *kernel)`` for channels_first. Same dtype as ``y``.
-      stride, dilation: the convolution's, int or per axis.
-      padding: the convolution's zero padding: int, per-axis ints, ``(lo, hi)`` pairs, "VALID",
-        "FULL" (``d*(k-1)`` both sides), or "SAME": the adjoint of a "SAME" convolution of an input
-        of size ``size * stride`` (the output size then is ``size * stride``).
-      output_padding: extra output size on the high side, int or per axis, smaller than the stride
-        or the dilation (it picks which input size the adjoint is for; must be 0 with "SAME").
-      groups: the convolution's feature groups.
-      bias: ``(C_in,)`` (one per output channel of this function) or None.
-      data_format: "channels_last" or "channels_first".
-      precision: as in :func:`conv`.
-
-    Returns:
-      ``(*batch, *out_spatial, C_in)`` (or channels first), ``out_spatial`` as in
-      :func:`jaxconv.conv_transpose_output_size`: ``(I-1)*S - lo - hi + d*(K-1) +
-      output_padding + 1``.
-
-    Supports jit, vmap, grad (y, w, bias), jvp and higher orders (hessian). float16, bfloat16,
-    float32, float64.
-
-    Example:
-      >>> y = jnp.ones((1, 4, 4, 16))
-      >>> w = jnp.ones((3, 3, 8, 16))
-      >>> conv_transpose(y, w, stride=2, padding=1, output_padding=1).shape
-      (1, 8, 8, 8)
-    """
-    fname = "conv_transpose"
-    precision = _check_precision(fname, precision)
-    y, w, bias = _check_arrays(fname, "y", y, w, bias)
-    lay = _layout(fname, "y", y, w, data_format)
-    groups = _check_transpose_groups(fname, groups, lay)
-    _check_bias(fname, bias, lay.w_in * groups)
-    stride = per_axis(fname, "stride", stride, lay.n)
-    dilation = per_axis(fname, "dilation", dilation, lay.n)
-    output_padding = per_axis(fname, "output_padding", output_padding, lay.n, minimum=0)
-    tpads = _transpose_geometry(fname, lay, padding, stride, dilation, output_padding)
-    yb = _one_batch_axis(y, lay.batch_shape)
-    tpads, crop = avoid_group_window(tpads, lay, stride, dilation)
-    out = lax.conv_general_dilated(
-        yb,
-        _transpose_kernel(w, lay, groups),
-        window_strides=(1,) * lay.n,
-        padding=tpads,
-        lhs_dilation=stride,
-        rhs_dilation=dilation,
-        dimension_numbers=lay.dimension_numbers(transpose=True),
-        feature_group_count=groups,
-        precision=precision,
-    )
-    out = crop_low(out, lay.spatial_axes, crop)
     out = _add_bias(out, bias, lay.channel_axis)
     return _restore_batch(out, lay.batch_shape)
