@@ -122,6 +122,7 @@ def _full_bases() -> list[Case]:
         _conv("conv 3x3 s1 p1", small, 3, 64, pad=1),
         _conv("conv 1x1", small, 1, 256),
         _conv("conv depthwise 3x3 p1", small, 3, 64, groups=64, pad=1),
+        _conv("conv grouped 3x3 g8 p1", small, 3, 64, groups=8, pad=1),
         _conv("conv_transpose 3x3 s2", (8, 28, 28, 64), 3, 64, 1, 2, 1, "conv_transpose", 1),
     ]
 

@@ -1,6 +1,7 @@
 """conv and conv_transpose against PyTorch CPU: forward and gradients, dtypes, transformations."""
 
 import functools
+import re
 import zlib
 
 import chex
@@ -432,27 +433,41 @@ def _lax_direct(x, w, stride, padding, dilation, groups, specs):
 
 @pytest.mark.parametrize("data_format", [CF, CL])
 def test_same_program_as_lax(data_format):
+    """Ungrouped: exactly lax's convolution (grouped ones: test_grouped_convolutions_per_group)."""
     x = jnp.ones((2, 8, 9, 10) if data_format == CF else (2, 9, 10, 8), jnp.float32)
-    w = jnp.ones((4, 4, 3, 2) if data_format == CF else (3, 2, 4, 4), jnp.float32)
+    w = jnp.ones((4, 8, 3, 2) if data_format == CF else (3, 2, 8, 4), jnp.float32)
     specs = ("NCHW", "OIHW", "NCHW") if data_format == CF else ("NHWC", "HWIO", "NHWC")
     ours = jax.make_jaxpr(
         lambda x, w: conv(
-            x,
-            w,
-            stride=(2, 1),
-            padding=[(1, 0), (1, 1)],
-            dilation=(1, 2),
-            groups=2,
-            data_format=data_format,
+            x, w, stride=(2, 1), padding=[(1, 0), (1, 1)], dilation=(1, 2), data_format=data_format
         )
     )(x, w)
     theirs = jax.make_jaxpr(
-        lambda x, w: _lax_direct(x, w, (2, 1), ((1, 0), (1, 1)), (1, 2), 2, specs)
+        lambda x, w: _lax_direct(x, w, (2, 1), ((1, 0), (1, 1)), (1, 2), 1, specs)
     )(x, w)
     assert str(ours) == str(theirs)
     # extra batch axes add reshapes only; never a transpose
-    eqns = jax.make_jaxpr(lambda x: conv(x, w, groups=2, data_format=data_format))(x[None]).eqns
+    eqns = jax.make_jaxpr(lambda x: conv(x, w, data_format=data_format))(x[None]).eqns
     assert {e.primitive.name for e in eqns} == {"reshape", "conv_general_dilated"}
+
+
+@pytest.mark.parametrize("data_format", [CF, CL])
+@pytest.mark.parametrize("groups", [2, 4, 64])
+def test_grouped_convolutions_per_group(data_format, groups):
+    """On the CPU a grouped convolution is one dense convolution per group (XLA's grouped one
+    does ``groups`` times the work there); the GPU program keeps XLA's grouped convolution.
+    The values are checked against PyTorch in test_conv_matches_torch."""
+    cpu = jax.devices("cpu")[0]  # the CPU's program on any host
+    c = max(8, groups * 2)
+    x = jax.device_put(jnp.ones((2, c, 6, 5) if data_format == CF else (2, 6, 5, c)), cpu)
+    shape = (c, c // groups, 3, 3) if data_format == CF else (3, 3, c // groups, c)
+    w = jax.device_put(jnp.ones(shape), cpu)
+    f = jax.jit(lambda x, w: conv(x, w, padding=1, groups=groups, data_format=data_format))
+    text = f.lower(x, w).compile().as_text()
+    counts = re.findall(r"feature_group_count=(\d+)", text)
+    assert " convolution(" in text and not counts  # only dense convolutions
+    lowered = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert f"feature_group_count = {groups}" in lowered
 
 
 _X = np.ones((2, 6, 6, 4), np.float32)

@@ -67,3 +67,21 @@ def test_cpu_weight_gradient_has_no_window_reversal():
     # XLA's own rule for the same transposed convolution reverses the window
     raw = jax.grad(lambda w: lax.conv_transpose(y, w, (2, 2), "SAME").sum())
     assert "rhs_reversal" in jax.jit(raw).lower(w).compile().as_text()
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_cpu_grouped_transpose_is_dense_per_group(data_format):
+    """Grouped transposed convolutions run one dense convolution per group on the CPU, forward
+    and backward (see jaxconv._src.grouped); values: test_weight_derivatives_match_xla."""
+    cpu = jax.devices("cpu")[0]
+    last = data_format == "channels_last"
+    y = jax.device_put(jnp.ones((2, 5, 6, 8) if last else (2, 8, 5, 6)), cpu)
+    w = jax.device_put(jnp.ones((3, 3, 2, 8) if last else (8, 2, 3, 3)), cpu)
+
+    def loss(y, w):
+        out = conv_transpose(y, w, stride=2, padding=1, groups=4, data_format=data_format)
+        return (out**2).sum()
+
+    for f in (loss, jax.grad(loss, argnums=(0, 1))):
+        text = jax.jit(f).lower(y, w).compile().as_text()
+        assert " convolution(" in text and "feature_group_count" not in text

@@ -124,8 +124,8 @@ def _ops(text):
 )
 def test_which_convolutions_take_the_taps(channels, groups, kernel, taps):
     """On the CPU depthwise kernels of up to 49 taps are a sum of slices (no convolution left in
-    the program); larger kernels and other groupings stay with XLA's convolution, and the
-    program lowered for a GPU keeps it too."""
+    the program); larger kernels and other groupings are convolutions (one per group), and the
+    program lowered for a GPU keeps XLA's grouped convolution."""
     cpu = jax.devices("cpu")[0]  # the CPU's program on any host
     x = jax.device_put(jnp.ones((2, 10, 10, channels)), cpu)
     w = jax.device_put(jnp.ones((*kernel, channels // groups, channels)), cpu)

@@ -29,6 +29,7 @@ from jaxconv._src.conv import (
     conv,
 )
 from jaxconv._src.conv_workarounds import avoid_group_window, crop_low
+from jaxconv._src.grouped import grouped_conv, split_groups
 
 
 def _check_transpose_groups(fname: str, groups, lay: _Layout) -> int:
@@ -181,11 +182,11 @@ class _Transposed(NamedTuple):
 
 
 def _dilated_conv(yb, w, geo: _Transposed):
-    """The transposed convolution as XLA's input-dilated convolution."""
+    """The transposed convolution as XLA's input-dilated convolution (grouped: per group on the
+    CPU, :mod:`jaxconv._src.grouped`)."""
     lay = geo.lay
-    out = lax.conv_general_dilated(
-        yb,
-        _transpose_kernel(w, lay, geo.groups),
+    xla_conv = functools.partial(
+        lax.conv_general_dilated,
         window_strides=(1,) * lay.n,
         padding=geo.tpads,
         lhs_dilation=geo.stride,
@@ -194,6 +195,12 @@ def _dilated_conv(yb, w, geo: _Transposed):
         feature_group_count=geo.groups,
         precision=geo.precision,
     )
+    wt = _transpose_kernel(w, lay, geo.groups)
+    if split_groups(geo.groups):
+        w_out_axis = lay.n if lay.data_format == "channels_last" else 1  # swapped roles
+        out = grouped_conv(yb, wt, geo.groups, (lay.channel_axis, w_out_axis), xla_conv)
+    else:
+        out = xla_conv(yb, wt)
     return crop_low(out, lay.spatial_axes, geo.crop)
 
 

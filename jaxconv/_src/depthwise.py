@@ -15,7 +15,8 @@ per tap: forward plus backward 6 ms (the transpose of the interior and border bl
 ms). Forward mode and higher orders work. 16-bit inputs are multiplied and summed in float32
 and rounded once (bfloat16 on the bit patterns, :func:`~jaxconv._src.cast.narrow`; the sum is
 written out first, as fusing it into the rounding took 1.7 against 0.7 ms). Kernels of more
-than ``MAX_TAPS`` taps compile too slowly this way (5x5x5: 7 s) and stay with XLA.
+than ``MAX_TAPS`` taps compile too slowly this way (5x5x5: 7 s) and run as one convolution per
+channel (:mod:`jaxconv._src.grouped`).
 
 GPUs keep XLA's convolution (``lax.platform_dependent``): cuDNN has depthwise kernels.
 """
@@ -33,7 +34,7 @@ from jaxconv._src.boxmap import box_map, box_taps, compute_dtype
 from jaxconv._src.cast import narrow
 from jaxconv._src.window import AxisPlan
 
-MAX_TAPS = 49  # kernels up to 7x7 (ConvNeXt); larger ones stay with XLA's convolution
+MAX_TAPS = 49  # kernels up to 7x7 (ConvNeXt)
 
 
 def depthwise_plans(axes, sizes, kernel, stride, dilation, pads) -> tuple[AxisPlan, ...]:
