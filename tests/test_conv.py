@@ -433,7 +433,8 @@ def _lax_direct(x, w, stride, padding, dilation, groups, specs):
 
 @pytest.mark.parametrize("data_format", [CF, CL])
 def test_same_program_as_lax(data_format):
-    """Ungrouped: exactly lax's convolution (grouped ones: test_grouped_convolutions_per_group)."""
+    """Ungrouped: exactly lax's convolution (grouped ones: test_grouped_convolutions_per_group;
+    1x1 kernels: test_pointwise.py)."""
     x = jnp.ones((2, 8, 9, 10) if data_format == CF else (2, 9, 10, 8), jnp.float32)
     w = jnp.ones((4, 8, 3, 2) if data_format == CF else (3, 2, 8, 4), jnp.float32)
     specs = ("NCHW", "OIHW", "NCHW") if data_format == CF else ("NHWC", "HWIO", "NHWC")

@@ -3,19 +3,18 @@ against PyTorch, XLA's own convolution and itself under every transformation."""
 
 import re
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conv_oracle import CF, CL, TOLERANCES, check_vjp, formatted, to_format
 from jax import lax
 from jax.test_util import check_grads
 
 from jaxconv import conv
 
-CL, CF = "channels_last", "channels_first"
 TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 # (spatial sizes, kernel, channels, multiplier, stride, (lo, hi) per axis, dilation, padding_mode)
@@ -42,20 +41,6 @@ def _torch_reference(x, w, b, g, stride, pairs, dilation, mode):
     return out.detach().numpy(), tx.grad.numpy(), tw.grad.numpy(), tb.grad.numpy()
 
 
-def _layout(a, data_format, weight=False):
-    """NCHW / OIHW arrays in ``data_format`` (weights: OIHW -> HWIO for channels_last)."""
-    if data_format == CF:
-        return jnp.asarray(a)
-    return jnp.asarray(np.moveaxis(a, (0, 1), (-1, -2)) if weight else np.moveaxis(a, 1, -1))
-
-
-def _back(a, data_format, weight=False):
-    a = np.asarray(a)
-    if data_format == CF:
-        return a
-    return np.moveaxis(a, (-1, -2), (0, 1)) if weight else np.moveaxis(a, -1, 1)
-
-
 def _inputs(case, seed, dtype=np.float64):
     sizes, kernel, channels, mult = case[:4]
     rng = np.random.default_rng(seed)
@@ -74,41 +59,29 @@ def _function(case, data_format):
     )
 
 
-@pytest.mark.parametrize(
-    ("dtype", "tol"), [(np.float64, 1e-12), (jnp.float16, 3e-3), (jnp.bfloat16, 2e-2)]
-)
+@pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
 @pytest.mark.parametrize("data_format", [CL, CF])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_torch(case, data_format, dtype, tol):
     (x, w, b), rng = _inputs(case, CASES.index(case), dtype)
     f = _function(case, data_format)
-    args = (_layout(x, data_format), _layout(w, data_format, True), jnp.asarray(b))
-    args = tuple(a.astype(dtype) for a in args)
-    y, pullback = jax.vjp(f, *args)
-    chex.assert_type(y, dtype)
-    g = np.asarray(jnp.asarray(rng.uniform(-1, 1, _back(y, data_format).shape), dtype), np.float64)
-    want = _torch_reference(x, w, b, g, *case[4:])
-    dx, dw, db = pullback(_layout(g, data_format).astype(dtype))
-    got = (_back(y, data_format), _back(dx, data_format), _back(dw, data_format, True), db)
-    for name, a, e in zip(("y", "dx", "dw", "db"), got, want, strict=True):
-        scale = max(1.0, float(np.abs(e).max()))
-        np.testing.assert_allclose(np.asarray(a, np.float64), e, atol=tol * scale, err_msg=name)
+    reference = lambda g: _torch_reference(x, w, b, g, *case[4:])  # noqa: E731
+    check_vjp(f, (x, w, b), reference, data_format=data_format, dtype=dtype, tol=tol, rng=rng)
 
 
 @pytest.mark.parametrize("data_format", [CL, CF])
 def test_check_grads_float64(data_format):
     """Both modes at second order: the tangent is linear in x and in w."""
     case = CASES[2]
-    (x, w, b), _ = _inputs(case, 7)
+    inputs, _ = _inputs(case, 7)
     f = _function(case, data_format)
-    args = (_layout(x, data_format), _layout(w, data_format, True), jnp.asarray(b))
-    check_grads(f, args, order=2, modes=("fwd", "rev"))
+    check_grads(f, formatted(inputs, data_format), order=2, modes=("fwd", "rev"))
 
 
 def test_vmap_over_inputs_and_weights():
     (x, w, b), _ = _inputs(CASES[1], 3)
     f = _function(CASES[1], CL)
-    x, w = _layout(x, CL), _layout(w, CL, True)
+    x, w = to_format(x, CL), to_format(w, CL, True)
     xs, ws = jnp.stack([x, 2 * x]), jnp.stack([w, -w])
     np.testing.assert_allclose(jax.vmap(f, (0, None, None))(xs, w, b)[1], f(2 * x, w, b))
     np.testing.assert_allclose(jax.vmap(f, (None, 0, None))(x, ws, b)[1], f(x, -w, b))

@@ -8,7 +8,8 @@ configurations whose gradient XLA's CPU backend mishandles, see
 and then run a VALID convolution. Grouped convolutions are the exception on the CPU, where XLA
 does ``groups`` times the work: depthwise ones of up to 49 taps are a sum of window taps there
 (:mod:`jaxconv._src.depthwise`), others one dense convolution per group
-(:mod:`jaxconv._src.grouped`).
+(:mod:`jaxconv._src.grouped`). So are 1x1 kernels, a matrix product on the CPU
+(:mod:`jaxconv._src.pointwise`).
 
 :func:`~jaxconv.conv_transpose` (:mod:`jaxconv._src.conv_transpose`) is its adjoint in ``x``.
 """
@@ -26,6 +27,7 @@ from jaxconv._src.arithmetic import pool_output_size_1d, resolve_padding
 from jaxconv._src.conv_workarounds import pad_explicitly
 from jaxconv._src.depthwise import depthwise_conv, depthwise_plans, is_depthwise
 from jaxconv._src.grouped import grouped_conv, split_groups
+from jaxconv._src.pointwise import is_pointwise, pointwise_conv
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _NUMPY_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -296,7 +298,9 @@ def conv(
     convolution does ``C_in`` times the work there (3x3 on float32 NHWC (8, 56, 56, 64): 0.3
     against 30 ms forward, 6 against 73 ms forward plus backward). Other grouped convolutions
     (up to 64 groups) run on the CPU as one dense convolution per group (8 groups on (8, 56,
-    56, 128): forward plus backward 14 against 1392 ms).
+    56, 128): forward plus backward 14 against 1392 ms). An ungrouped 1x1 kernel runs on the CPU
+    as a matrix product (float32 (8, 56, 56, 64) to 256 channels: forward 1.9 against 3.9 ms,
+    forward plus backward 8.6 against 25 ms).
 
     Example:
       >>> x = jnp.ones((2, 8, 8, 3))
@@ -323,7 +327,8 @@ def conv(
 def _convolve(xb, w, lay: _Layout, groups: int, geometry, precision):
     """XLA's convolution, or on the CPU the forms that run faster there: a sum of taps for
     depthwise kernels (:mod:`jaxconv._src.depthwise`), one dense convolution per group for other
-    grouped ones (:mod:`jaxconv._src.grouped`)."""
+    grouped ones (:mod:`jaxconv._src.grouped`), a matrix product for 1x1 kernels without padding
+    (:mod:`jaxconv._src.pointwise`)."""
     stride, dilation, pads = geometry
     xla_conv = functools.partial(
         lax.conv_general_dilated,
@@ -342,4 +347,6 @@ def _convolve(xb, w, lay: _Layout, groups: int, geometry, precision):
     if split_groups(groups):
         w_out_axis = lay.n + 1 if last else 0
         return grouped_conv(xb, w, groups, (lay.channel_axis, w_out_axis), xla_conv)
+    if is_pointwise(groups, lay.kernel, pads):
+        return pointwise_conv(xb, w, stride, last, precision, xla_conv)
     return xla_conv(xb, w)

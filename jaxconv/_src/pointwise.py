@@ -1,0 +1,70 @@
+"""1x1 convolutions on the CPU as one matrix product.
+
+A convolution whose kernel is 1 on every spatial axis (ResNet's bottleneck and projection layers,
+MobileNet's pointwise layers) multiplies every position's channels by the same ``(C_in, C_out)``
+matrix. XLA's CPU backend runs it through its general convolution, and its derivatives through
+convolutions with batch and feature axes swapped, which run slowly there: float32 NHWC
+(8, 56, 56, 64) to 256 channels took 4.0 ms forward and 25 ms forward plus backward (for ``x``
+and ``w``), where the same numbers as one ``dot_general`` took 2.0 and 7.7 ms (PyTorch
+channels_last 1.7 and 7.2). So on the CPU a 1x1 convolution is a ``dot_general`` (its
+padding, all beyond the kernel's span, is applied to ``x`` first, see
+:mod:`jaxconv._src.conv_workarounds`). Channels last, the positions (batch and space) are
+merged into rows; channels first, there is one product per batch element, with the kernel's
+matrix broadcast over the batch. A stride first takes the strided slice. The derivatives are
+JAX's for ``dot_general``: products again. 16-bit inputs are multiplied and summed in float32
+and rounded once (bfloat16 forward 2.0 against 6.5 ms).
+
+GPUs keep XLA's convolution (``lax.platform_dependent``).
+"""
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+_HALF = (jnp.float16, jnp.bfloat16)
+
+
+def is_pointwise(groups: int, kernel, pads) -> bool:
+    """An ungrouped convolution with a kernel of 1 on every axis and no padding left (a 1x1
+    kernel's padding is applied to ``x`` before)."""
+    return groups == 1 and all(k == 1 for k in kernel) and all(p == (0, 0) for p in pads)
+
+
+def _product(a, b, dims, precision):
+    """``dot_general``; 16-bit operands multiplied and summed in float32, rounded once."""
+    wide = jnp.float32 if a.dtype in _HALF else None
+    out = lax.dot_general(a, b, dims, precision=precision, preferred_element_type=wide)
+    return out.astype(a.dtype)
+
+
+def _dense(x, w, stride, channels_last: bool, precision):
+    """The 1x1 convolution of ``x`` (one batch axis) as a matrix product."""
+    n = x.ndim - 2
+    first = 1 if channels_last else 2
+    if any(s > 1 for s in stride):
+        strides = (1,) * first + tuple(stride) + (1,) * (x.ndim - first - n)
+        x = lax.slice(x, (0,) * x.ndim, x.shape, strides)
+    if channels_last:  # w: (1, ..., 1, C_in, C_out)
+        c_in, c_out = w.shape[-2:]
+        rows = math.prod(x.shape[:-1])
+        out = _product(
+            x.reshape(rows, c_in), w.reshape(c_in, c_out), (((1,), (0,)), ((), ())), precision
+        )
+        return out.reshape((*x.shape[:-1], c_out))
+    # channels first, w: (C_out, C_in, 1, ..., 1)
+    batch, c_in, spatial = x.shape[0], x.shape[1], x.shape[2:]
+    c_out = w.shape[0]
+    matrix = jnp.broadcast_to(w.reshape(c_out, c_in), (batch, c_out, c_in))
+    flat = x.reshape(batch, c_in, math.prod(spatial))
+    out = _product(matrix, flat, (((2,), (1,)), ((0,), (0,))), precision)
+    return out.reshape((batch, c_out, *spatial))
+
+
+def pointwise_conv(x, w, stride, channels_last: bool, precision, xla_conv):
+    """``xla_conv(x, w)`` for a 1x1 kernel without padding; a matrix product on the CPU."""
+
+    def cpu(x, w):
+        return _dense(x, w, stride, channels_last, precision)
+
+    return lax.platform_dependent(x, w, cpu=cpu, default=xla_conv)
