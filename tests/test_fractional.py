@@ -125,6 +125,32 @@ def test_integer_alpha_on_and_off_the_grid(off_grid, data_format):
     assert_matches_torch(x_cf, u, g_cf, (2, 2), (8, 6), data_format)
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize(("dtype", "tdtype"), [(jnp.bfloat16, torch.bfloat16)])
+def test_half_precision_integer_alpha_gradient_matches_torch(dtype, tdtype, data_format):
+    """bfloat16 samples move many starts of alpha = 2 windows off the grid (``i + u`` rounds to
+    a coarse step); output, indices and gradient still equal PyTorch's. Small integers keep
+    ties and make the sums of overlapping windows' cotangents exact."""
+    rng = np.random.default_rng(12)
+    x_cf = rng.integers(-4, 5, (3, 4, 40, 36)).astype(np.float32)
+    u = rng.random((3, 4, 2)).astype(np.float32)
+    g_cf = rng.integers(-8, 9, (3, 4, 20, 18)).astype(np.float32)
+    starts = np.asarray(torch_starts(jnp.asarray(u[..., 0], dtype), 40, 20, 2))
+    assert np.any(starts != 2 * np.arange(20))  # off the grid
+    tx = torch.tensor(x_cf).to(tdtype).requires_grad_()
+    tu = torch.tensor(torch_samples(u)).to(tdtype)
+    ty, ti = F.fractional_max_pool2d(tx, 2, (20, 18), _random_samples=tu, return_indices=True)
+    (tg,) = torch.autograd.grad(ty, tx, torch.tensor(g_cf).to(tdtype))
+    fn = jax_fractional((2, 2), (20, 18), data_format)
+    args = (to_layout(x_cf, data_format), u, to_layout(g_cf, data_format))
+    y, i, g, gp = fn(*(jnp.asarray(a, dtype) for a in args))
+    chex.assert_type([y, g, gp], dtype)
+    np.testing.assert_array_equal(from_layout(i, data_format), ti.numpy())
+    for got, want in ((y, ty), (g, tg), (gp, tg)):
+        want = want.detach().to(torch.float32).numpy()
+        np.testing.assert_array_equal(np.float32(from_layout(got, data_format)), want)
+
+
 @pytest.mark.parametrize(
     ("dtype", "tdtype"), [(jnp.float16, torch.float16), (jnp.bfloat16, torch.bfloat16)]
 )

@@ -26,7 +26,9 @@ condition is batched and both paths run.
 Otherwise taps are gathers (``take_along_axis`` for per-channel starts, ``take`` for shared ones);
 the tangent stacks a window's taps with one gather (``FractionalPlan.window``), so reverse mode
 scatters once per axis instead of once per tap. With an integer ``alpha`` off the grid, the pick
-is a regular phase pick over a band (``FractionalPlan.pick``: pads and adds in reverse mode).
+is a regular phase pick over a band (``FractionalPlan.pick``: pads and adds in reverse mode; in
+16-bit dtypes too, whose coarse ``i + u`` moves many starts: bfloat16 2x2 on the shape above,
+forward plus backward 15 against 18 ms with the gathers' scatter).
 Non-integer ``alpha`` (3x3, 56 -> 27) keeps the scatter: about 125 ms against PyTorch's 92 ms
 under load. On GPUs, where a scatter-add of colliding indices sums in a varying order, the
 tangent gathers tap by tap instead (``FractionalPlan.distinct_taps``), each tap's indices
@@ -150,13 +152,13 @@ class FractionalPlan:
         ``2*step + kernel`` from ``(i - 1)*step``: a regular window of stride ``step`` whose phase
         pick transposes to pads and adds, not a scatter. None for other windows."""
         start, length = aux
-        if self.step is None or length is not None or jnp.finfo(t.dtype).bits < 32:
+        if self.step is None or length is not None:
             return None
         a = self.step
         band = AxisPlan(self.axis, self.size, 2 * a + self.kernel, a, 1, a, 0, self.out)
         lo = along(np.arange(self.out, dtype=np.int32) * a - a, self.axis, offset.ndim)
         rel = self._spread(start, offset.ndim) + offset.astype(jnp.int32) - jnp.asarray(lo)
-        return phase_pick(t, band, rel.astype(jnp.int16))
+        return phase_pick(t, band, rel.astype(jnp.int16), shift_offsets=True)
 
     def valid(self, ndim: int) -> list[None]:
         return [None] * self.kernel
