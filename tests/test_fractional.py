@@ -401,6 +401,30 @@ def test_integer_alpha_starts_stay_in_the_band(dtype):
         assert rel.min() >= 0 and rel.max() <= 2 * a, (a, k, out)
 
 
+@pytest.mark.parametrize(("dtype", "exact"), [(jnp.bfloat16, 256), (jnp.float16, 2048)])
+def test_half_precision_band_holds_up_to_exact_integers(dtype, exact):
+    """16-bit starts of integer-alpha windows stay in the band for every sample in [0, 1) while
+    the dtype holds every integer up to the axis size (the tangent pick's condition); on a
+    longer axis they leave it, so the tangent gathers there."""
+    u = np.arange(2**16, dtype=np.uint16).view(np.dtype(dtype))
+    u = jnp.asarray(u[(u.astype(np.float32) >= 0) & (u.astype(np.float32) < 1)])
+    starts = jax.jit(torch_starts, static_argnums=(1, 2, 3))
+
+    def rel(a, k, out):
+        return np.asarray(starts(u, (out - 1) * a + k, out, k)) - (np.arange(out) - 1) * a
+
+    for a, k in [(1, 2), (2, 2), (3, 3)]:
+        out = (exact - k) // a + 1  # the longest axis within `exact`
+        inside = rel(a, k, out)
+        assert inside.min() >= 0 and inside.max() <= 2 * a, (a, k, out)
+    outside = rel(2, 2, 4 * exact)
+    assert outside.min() < 0 or outside.max() > 4
+    plan = FractionalPlan(1, 4 * exact * 2, 2, 4 * exact, 2)
+    aux = (jnp.zeros((1, 4 * exact, 1), jnp.int32), None)
+    offset = jnp.zeros((1, 4 * exact, 1), jnp.int8)
+    assert plan.pick(jnp.zeros((1, 8 * exact, 1), dtype), aux, offset) is None
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_starts_before_the_last_strictly_increase(dtype):
     """The premise of the GPU tangent's unique-index gathers (checked at run time there too):

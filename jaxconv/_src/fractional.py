@@ -150,9 +150,12 @@ class FractionalPlan:
 
         Start ``i`` lies in ``[(i - 1)*step, (i + 1)*step]``, so the chosen input is in a band of
         ``2*step + kernel`` from ``(i - 1)*step``: a regular window of stride ``step`` whose phase
-        pick transposes to pads and adds, not a scatter. None for other windows."""
+        pick transposes to pads and adds, not a scatter. That holds where ``t``'s dtype holds
+        every integer up to the axis size exactly (then ``i + u`` rounds into ``[i, i + 1]``):
+        up to 256 in bfloat16, 2048 in float16. None for other windows."""
         start, length = aux
-        if self.step is None or length is not None:
+        exact = 2 ** (jnp.finfo(t.dtype).nmant + 1)
+        if self.step is None or length is not None or self.size > exact:
             return None
         a = self.step
         band = AxisPlan(self.axis, self.size, 2 * a + self.kernel, a, 1, a, 0, self.out)
