@@ -15,7 +15,13 @@ from jax.test_util import check_grads
 
 import jaxconv
 from jaxconv._src import select
-from jaxconv._src.fractional import FractionalPlan, _alpha, _spread_starts, torch_starts
+from jaxconv._src.fractional import (
+    FractionalPlan,
+    _alpha,
+    _spread_starts,
+    band_holds,
+    torch_starts,
+)
 from jaxconv._src.graham import graham_bounds, graham_windows
 
 TORCH_FRACTIONAL = {2: F.fractional_max_pool2d, 3: F.fractional_max_pool3d}
@@ -415,14 +421,34 @@ def test_half_precision_band_holds_up_to_exact_integers(dtype, exact):
 
     for a, k in [(1, 2), (2, 2), (3, 3)]:
         out = (exact - k) // a + 1  # the longest axis within `exact`
+        assert band_holds((out - 1) * a + k, dtype)
         inside = rel(a, k, out)
         assert inside.min() >= 0 and inside.max() <= 2 * a, (a, k, out)
+    assert not band_holds(exact + 1, dtype)
     outside = rel(2, 2, 4 * exact)
     assert outside.min() < 0 or outside.max() > 4
-    plan = FractionalPlan(1, 4 * exact * 2, 2, 4 * exact, 2)
-    aux = (jnp.zeros((1, 4 * exact, 1), jnp.int32), None)
-    offset = jnp.zeros((1, 4 * exact, 1), jnp.int8)
-    assert plan.pick(jnp.zeros((1, 8 * exact, 1), dtype), aux, offset) is None
+
+
+def test_bfloat16_gradient_on_a_long_axis_matches_torch():
+    """bfloat16 samples whose starts leave the band (an axis of 1030): the gradient, picked in
+    float32, still equals PyTorch's (the tangent gathers there)."""
+    u_all = np.arange(2**16, dtype=np.uint16).view(jnp.bfloat16)
+    u_all = u_all[(u_all.astype(np.float32) >= 0) & (u_all.astype(np.float32) < 1)]
+    rel = np.asarray(torch_starts(jnp.asarray(u_all), 1030, 515, 2)) - (np.arange(515) - 1) * 2
+    leaving = u_all[(rel.min(axis=1) < 0) | (rel.max(axis=1) > 4)]
+    assert leaving.size
+    rng = np.random.default_rng(13)
+    x_cf = rng.integers(-4, 5, (1, 3, 1030, 4)).astype(np.float32)
+    u = np.stack([rng.choice(leaving.astype(np.float32), 3), np.zeros(3)], -1)[None]
+    g_cf = rng.integers(-8, 9, (1, 3, 515, 2)).astype(np.float32)
+    tx = torch.tensor(x_cf).to(torch.bfloat16).requires_grad_()
+    tu = torch.tensor(torch_samples(u)).to(torch.bfloat16)
+    ty = F.fractional_max_pool2d(tx, 2, (515, 2), _random_samples=tu)
+    (tg,) = torch.autograd.grad(ty, tx, torch.tensor(g_cf).to(torch.bfloat16))
+    fn = jax_fractional((2, 2), (515, 2), "channels_first")
+    y, _, g, gp = fn(*(jnp.asarray(a, jnp.bfloat16) for a in (x_cf, u, g_cf)))
+    for got, want in ((y, ty), (g, tg), (gp, tg)):
+        np.testing.assert_array_equal(np.float32(got), want.detach().to(torch.float32).numpy())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

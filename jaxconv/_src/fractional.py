@@ -67,6 +67,7 @@ class FractionalPlan:
     kernel: int
     out: int
     step: int | None = None
+    band: bool = True  # the starts stay in the band of :meth:`pick` (see there)
 
     def _spread(self, v, ndim):
         """A 1-D per-output array shaped to broadcast along ``axis``; others pass through."""
@@ -150,12 +151,12 @@ class FractionalPlan:
 
         Start ``i`` lies in ``[(i - 1)*step, (i + 1)*step]``, so the chosen input is in a band of
         ``2*step + kernel`` from ``(i - 1)*step``: a regular window of stride ``step`` whose phase
-        pick transposes to pads and adds, not a scatter. That holds where ``t``'s dtype holds
-        every integer up to the axis size exactly (then ``i + u`` rounds into ``[i, i + 1]``):
-        up to 256 in bfloat16, 2048 in float16. None for other windows."""
+        pick transposes to pads and adds, not a scatter. That holds (``band``) where the
+        samples' dtype holds every integer up to the axis size exactly, so that ``i + u`` rounds
+        into ``[i, i + 1]``: up to 256 in bfloat16, 2048 in float16 (:func:`band_holds`). None
+        for other windows."""
         start, length = aux
-        exact = 2 ** (jnp.finfo(t.dtype).nmant + 1)
-        if self.step is None or length is not None or self.size > exact:
+        if self.step is None or length is not None or not self.band:
             return None
         a = self.step
         band = AxisPlan(self.axis, self.size, 2 * a + self.kernel, a, 1, a, 0, self.out)
@@ -168,6 +169,12 @@ class FractionalPlan:
 
     def position(self, offset, aux) -> jax.Array:
         return self._index(aux, offset.astype(jnp.int32), offset.ndim)
+
+
+def band_holds(size: int, dtype) -> bool:
+    """Whether ``dtype`` holds every integer up to ``size`` exactly: then PyTorch's starts of
+    integer-alpha windows computed in ``dtype`` stay in :meth:`FractionalPlan.pick`'s band."""
+    return size <= 2 ** (jnp.finfo(dtype).nmant + 1)
 
 
 def _take_unique(x, index, axis):
@@ -427,7 +434,8 @@ def fractional_max_pool(
         starts.append(torch_starts(u[..., i], size, out, k))
         aux.append((_spread_starts(starts[-1], i, n, data_format == "channels_last"), None))
         step = (size - k) // (out - 1) if out > 1 and (size - k) % (out - 1) == 0 else None
-        plans.append(FractionalPlan(axis, size, k, out, step if size < 2**24 else None))
+        step = step if size < 2**24 else None
+        plans.append(FractionalPlan(axis, size, k, out, step, band_holds(size, x.dtype)))
     return _pool_fractional(x, tuple(plans), tuple(aux), starts, return_indices)
 
 
