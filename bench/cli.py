@@ -32,8 +32,8 @@ REUSE_TUNABLES = ":".join(
         "glibc.malloc.trim_threshold=68719476736",
     )
 )
-FULL = {"repeats": 20, "warmup": 2, "budget_s": 5.0, "copy_mb": 256}
-QUICK = {"repeats": 5, "warmup": 1, "budget_s": 1.0, "copy_mb": 64}
+FULL = {"repeats": 20, "warmup": 2, "budget_s": 5.0, "copy_mb": 256, "min_time_s": 0.3}
+QUICK = {"repeats": 5, "warmup": 1, "budget_s": 1.0, "copy_mb": 64, "min_time_s": 0.0}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=defaults["warmup"] if args.warmup is None else args.warmup,
         budget_s=args.budget or defaults["budget_s"],
         min_repeats=min(3, args.repeats or 3),
+        min_time_s=0.0 if args.repeats else defaults["min_time_s"],
     )
     res = run_suite(
         cases,

@@ -168,6 +168,16 @@ def _allocator(m: dict) -> str:
     return f"`GLIBC_TUNABLES={tunables}` (freed memory is reused, not page-faulted again)."
 
 
+def _repeats(s: dict) -> str:
+    """How many calls each median is of."""
+    if not s.get("min_time_s"):
+        return f"up to {s['repeats']} repeats"
+    return (
+        f"{s['repeats']} repeats or, for fast calls, as many as fit in {s['min_time_s']} s "
+        f"(at most {s['max_repeats']})"
+    )
+
+
 def _torch_where(m: dict) -> str:
     device = m.get("torch_device", "cpu")
     if device == "cpu":
@@ -187,7 +197,7 @@ def _header(report: dict) -> list[str]:
         f"- Allocator: {_allocator(m)}",
         *([f"- Note: {report['note']}."] if report.get("note") else []),
         f"- Run: {m['date_utc']}, commit {m['git_commit']}, "
-        f"{'quick' if s['quick'] else 'full'} suite, median of up to {s['repeats']} repeats after "
+        f"{'quick' if s['quick'] else 'full'} suite, median of {_repeats(s)} after "
         f"{s['warmup']} warm-up calls (at most ~{s['budget_s']} s per peer); "
         f"{len(report['cases'])} cases in {report['wall_s']:.0f} s.",
         f"- Copy reference ({cp['bytes'] / 2**20:.0f} MiB, read+write): numpy copy "

@@ -116,3 +116,12 @@ def test_render_rewrites_markdown_and_chart_from_json(report, tmp_path):
     assert bench.main(["--render", str(results)]) == 0
     assert (tmp_path / "again.md").read_text() == (report / "smoke.md").read_text()
     assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_fast_calls_repeat_until_the_minimum_time():
+    """A fast call repeats beyond ``repeats`` while under ``min_time_s``, up to
+    ``max_repeats``; with no minimum time it runs ``repeats`` times."""
+    base = dict(repeats=3, min_repeats=1, warmup=0, budget_s=100.0)
+    more = bench.Settings(**base, min_time_s=100.0, max_repeats=50)
+    assert len(bench.measure.time_calls(lambda: None, more)) == 50
+    assert len(bench.measure.time_calls(lambda: None, bench.Settings(**base))) == 3
