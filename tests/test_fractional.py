@@ -15,13 +15,8 @@ from jax.test_util import check_grads
 
 import jaxconv
 from jaxconv._src import select
-from jaxconv._src.fractional import (
-    FractionalPlan,
-    _alpha,
-    _spread_starts,
-    band_holds,
-    torch_starts,
-)
+from jaxconv._src.fractional import _alpha, _spread_starts, torch_starts
+from jaxconv._src.fractional_plan import FractionalPlan, band_holds
 from jaxconv._src.graham import graham_bounds, graham_windows
 
 TORCH_FRACTIONAL = {2: F.fractional_max_pool2d, 3: F.fractional_max_pool3d}
@@ -427,6 +422,54 @@ def test_half_precision_band_holds_up_to_exact_integers(dtype, exact):
     assert not band_holds(exact + 1, dtype)
     outside = rel(2, 2, 4 * exact)
     assert outside.min() < 0 or outside.max() > 4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_integer_alpha_starts_stay_in_the_band(dtype):
+    """Start ``i`` of non-integer ``alpha`` lies in ``[floor(i*alpha) - 1, floor(i*alpha) + 2]``
+    (the band the tangent pick reads), for samples near every fraction of ``1/alpha`` too."""
+    rng = np.random.default_rng(14)
+    for size, k, out, n in [(56, 2, 39, 3000), (56, 3, 27, 3000), (1000, 4, 777, 300)]:
+        alpha = (size - k) / (out - 1)
+        near = np.arange(1, int(alpha) + 2) / alpha  # u*alpha near an integer
+        near = np.concatenate([near, np.nextafter(near, 0), np.nextafter(near, 2)])
+        u = np.concatenate([rng.random(n), near[near < 1], [0.0]]).astype(dtype)
+        start = np.asarray(torch_starts(jnp.asarray(u), size, out, k))
+        base = np.arange(out) * (size - k) // (out - 1)
+        first = start - base + 1
+        assert band_holds(size, dtype, integer_alpha=False)
+        assert first.min() >= 0 and first.max() <= 3, (size, k, out)
+
+
+@pytest.mark.parametrize(("dtype", "exact"), [(jnp.bfloat16, 256), (jnp.float16, 2048)])
+def test_half_precision_non_integer_band(dtype, exact):
+    """Every 16-bit sample in [0, 1): the band holds up to a quarter of the exact integers."""
+    u = np.arange(2**16, dtype=np.uint16).view(np.dtype(dtype))
+    u = jnp.asarray(u[(u.astype(np.float32) >= 0) & (u.astype(np.float32) < 1)])
+    size = exact // 4
+    assert band_holds(size, dtype, integer_alpha=False)
+    assert not band_holds(size + 1, dtype, integer_alpha=False)
+    for k, out in [(2, size // 2 + 3), (3, size // 3 + 1)]:
+        start = np.asarray(jax.jit(torch_starts, static_argnums=(1, 2, 3))(u, size, out, k))
+        first = start - np.arange(out) * (size - k) // (out - 1) + 1
+        assert first.min() >= 0 and first.max() <= 3, (k, out)
+
+
+def test_bfloat16_non_integer_alpha_gradient_matches_torch():
+    """bfloat16, alpha 38/26 and 34/17: output, indices and gradient equal PyTorch's."""
+    rng = np.random.default_rng(15)
+    x_cf = rng.integers(-4, 5, (3, 4, 40, 36)).astype(np.float32)
+    u = rng.random((3, 4, 2)).astype(np.float32)
+    g_cf = rng.integers(-8, 9, (3, 4, 27, 18)).astype(np.float32)
+    tx = torch.tensor(x_cf).to(torch.bfloat16).requires_grad_()
+    tu = torch.tensor(torch_samples(u)).to(torch.bfloat16)
+    ty, ti = F.fractional_max_pool2d(tx, 2, (27, 18), _random_samples=tu, return_indices=True)
+    (tg,) = torch.autograd.grad(ty, tx, torch.tensor(g_cf).to(torch.bfloat16))
+    fn = jax_fractional((2, 2), (27, 18), "channels_first")
+    y, i, g, gp = fn(*(jnp.asarray(a, jnp.bfloat16) for a in (x_cf, u, g_cf)))
+    np.testing.assert_array_equal(i, ti.numpy())
+    for got, want in ((y, ty), (g, tg), (gp, tg)):
+        np.testing.assert_array_equal(np.float32(got), want.detach().to(torch.float32).numpy())
 
 
 def test_bfloat16_gradient_on_a_long_axis_matches_torch():

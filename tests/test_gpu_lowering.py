@@ -53,9 +53,9 @@ OPS = {
 
 
 # The fractional ops whose CUDA program keeps the run-time fallback: one colliding scatter per
-# spatial axis, beside the unique-index scatters of the tap-by-tap gathers.
+# spatial axis, beside the unique-index scatters of the tap-by-tap gathers. (PyTorch's
+# sequences pick from a band of static slices: their transpose gathers, no scatter at all.)
 FALLBACKS = {
-    "fractional 3x3 alpha 2.25 and 1.8": 2,
     "fractional graham overlapping": 2,
     "fractional graham disjoint": 2,
 }
@@ -80,7 +80,8 @@ def test_cuda_gradient_has_no_colliding_scatter(name):
 def test_cuda_tap_by_tap_fractional_tangent_scatters_unique_indices(graham):
     """The branch GPUs run unless a start repeats: its transpose has unique scatters only."""
     from jaxconv._src import select
-    from jaxconv._src.fractional import FractionalPlan, _spread_starts, torch_starts
+    from jaxconv._src.fractional import _spread_starts, torch_starts
+    from jaxconv._src.fractional_plan import FractionalPlan
     from jaxconv._src.graham import graham_bounds, graham_windows
 
     if graham:

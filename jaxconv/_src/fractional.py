@@ -23,19 +23,22 @@ CPU, float32 NHWC (32, 56, 56, 64), 2x2 -> 28x28: forward plus backward 3.6 ms a
 for the general path (PyTorch channels_last about 16 ms). Under ``vmap`` over the samples the
 condition is batched and both paths run.
 
-Otherwise taps are gathers (``take_along_axis`` for per-channel starts, ``take`` for shared ones);
-the tangent stacks a window's taps with one gather (``FractionalPlan.window``), so reverse mode
-scatters once per axis instead of once per tap. With an integer ``alpha`` off the grid, the pick
-is a regular phase pick over a band (``FractionalPlan.pick``: pads and adds in reverse mode; in
-16-bit dtypes too, whose coarse ``i + u`` moves many starts: bfloat16 2x2 on the shape above,
-forward plus backward 15 against 18 ms with the gathers' scatter).
-Non-integer ``alpha`` (3x3, 56 -> 27) keeps the scatter: about 125 ms against PyTorch's 92 ms
-under load. On GPUs, where a scatter-add of colliding indices sums in a varying order, the
-tangent gathers tap by tap instead (``FractionalPlan.distinct_taps``), each tap's indices
-unique because the starts strictly increase (``alpha >= 1``), checked at run time.
+Otherwise taps are gathers (``take_along_axis`` for per-channel starts, ``take`` for shared ones).
+With an integer ``alpha`` off the grid, the tangent pick is a regular phase pick over a band
+(``FractionalPlan.pick``: pads and adds in reverse mode; in 16-bit dtypes too, whose coarse
+``i + u`` moves many starts: bfloat16 2x2 on the shape above, forward plus backward 15 against
+18 ms with the gathers' scatter). With a non-integer ``alpha`` (2x2 at ratio 0.7, 56 -> 39;
+3x3, 56 -> 27) start ``i`` is ``floor(i*alpha)`` or one more, up to rounding: the tangent picks
+from a band of static slices at ``floor(i*alpha) - 1`` (``FractionalPlan._base_pick``), whose
+transpose gathers: float32 (32, 56, 56, 64), forward plus backward 34 and 27 ms against 79 and
+85 ms with the gathers' scatter (PyTorch channels_last 28 and 24 ms). Where neither band holds
+(16-bit samples on long axes) and for Graham's windows, the tangent stacks a window's taps
+with one gather (``FractionalPlan.window``), so reverse mode scatters once per axis instead of
+once per tap; on GPUs, where a scatter-add of colliding indices sums in a varying order, it
+gathers tap by tap instead (``FractionalPlan.distinct_taps``), each tap's indices unique
+because the starts strictly increase (``alpha >= 1``), checked at run time.
 """
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -47,150 +50,8 @@ from jax.typing import ArrayLike
 
 from jaxconv._src.argmax import select_max
 from jaxconv._src.args import check_bool, check_floating, layout_axes, per_axis, spatial_rank
-from jaxconv._src.select import phase_pick
-from jaxconv._src.window import AxisPlan, along
-
-
-@dataclasses.dataclass(frozen=True)
-class FractionalPlan:
-    """Windows of ``kernel`` taps (at most) along array axis ``axis``, starts given as ``aux``.
-
-    ``aux = (start, length)``. ``start`` is an int32 array of the window starts that broadcasts
-    against the array with ``out`` entries along ``axis``, or a 1-D array of ``out`` starts shared
-    by every other axis. ``length`` is None (every window has ``kernel`` elements) or the window
-    lengths, shaped like ``start``; taps past a window's end re-read its last element, which
-    never changes the winner's position (see :meth:`position`).
-    """
-
-    axis: int
-    size: int
-    kernel: int
-    out: int
-    step: int | None = None
-    band: bool = True  # the starts stay in the band of :meth:`pick` (see there)
-
-    def _spread(self, v, ndim):
-        """A 1-D per-output array shaped to broadcast along ``axis``; others pass through."""
-        if v.ndim != 1 or ndim == 1:
-            return v
-        shape = [1] * ndim
-        shape[self.axis] = v.shape[0]
-        return v.reshape(shape)
-
-    def _index(self, aux, j, ndim):
-        start, length = aux
-        start = self._spread(start, ndim)
-        if length is None:
-            return start + j
-        return start + jnp.minimum(j, self._spread(length, ndim) - 1)
-
-    # The plan protocol of jaxconv._src.select.
-    def taps(self, x, fill, aux) -> list[jax.Array]:
-        del fill  # every tap reads real input
-        return [_take(x, self._index(aux, j, x.ndim), self.axis) for j in range(self.kernel)]
-
-    def window(self, x, aux) -> jax.Array:
-        """The taps stacked after ``axis`` (shape ``(..., out, kernel, ...)``) by one gather."""
-        start, length = aux
-        ax, k = self.axis, self.kernel
-        if start.ndim == 1 and x.ndim > 1:  # shared starts: a (out, kernel) index table
-            steps = jnp.arange(k, dtype=jnp.int32)[None, :]
-            if length is not None:
-                steps = jnp.minimum(steps, length[:, None] - 1)
-            w = jnp.take(x, (start[:, None] + steps).reshape(-1), axis=ax, mode="clip")
-        else:
-            start = jnp.expand_dims(self._spread(start, x.ndim), ax + 1)
-            shape = [1] * (x.ndim + 1)
-            shape[ax + 1] = k
-            index = start + lax.broadcasted_iota(jnp.int32, tuple(shape), ax + 1)
-            flat = (*index.shape[:ax], index.shape[ax] * k, *index.shape[ax + 2 :])
-            w = _take(x, index.reshape(flat), ax)
-        return w.reshape(*w.shape[:ax], self.out, k, *w.shape[ax + 1 :])
-
-    def _tap_indices(self, aux, ndim: int):
-        """Per tap, the input index of every window (1-D for shared starts, else broadcasting
-        against the array), and the axis of the windows in those indices."""
-        shared = aux[0].ndim == 1
-        indices = [self._index(aux, j, 1 if shared else ndim) for j in range(self.kernel)]
-        return indices, 0 if shared else self.axis
-
-    def distinct(self, aux, ndim: int) -> jax.Array:
-        """Whether each tap of the windows before the last reads every input at most once.
-
-        True unless rounding repeats a start: the increments are at least 1 (``alpha >= 1``);
-        only the last window may start where the one before it does (PyTorch's last start is
-        ``in - k`` whatever the sample; Graham's overlapping last window is clipped)."""
-        indices, axis = self._tap_indices(aux, ndim)
-        inner = [lax.slice_in_dim(i, 0, self.out - 1, 1, axis) for i in indices]
-        return functools.reduce(
-            jnp.logical_and, [jnp.all(jnp.diff(i, axis=axis) >= 1) for i in inner]
-        )
-
-    def distinct_taps(self, x, aux) -> list[jax.Array]:
-        """:meth:`taps` as gathers of unique indices where :meth:`distinct`: one for the
-        windows before the last, one for the last. Their transposes are scatters without
-        collisions, whose sums are the same on every run on GPUs too."""
-        indices, axis = self._tap_indices(aux, x.ndim)
-        taps = []
-        for index in indices:
-            parts = [lax.slice_in_dim(index, lo, hi, 1, axis) for lo, hi in self._parts()]
-            pieces = [_take_unique(x, part, self.axis) for part in parts]
-            taps.append(lax.concatenate(pieces, self.axis) if len(pieces) > 1 else pieces[0])
-        return taps
-
-    def _parts(self) -> list[tuple[int, int]]:
-        """The windows before the last, and the last."""
-        return [(0, self.out - 1), (self.out - 1, self.out)] if self.out > 1 else [(0, 1)]
-
-    @property
-    def stored_winners(self) -> bool:  # measured faster with the band pick only
-        return self.step is not None
-
-    def pick(self, t, aux, offset) -> jax.Array | None:
-        """The tap of ``t`` at ``offset`` for PyTorch's starts with an integer ``alpha = step``.
-
-        Start ``i`` lies in ``[(i - 1)*step, (i + 1)*step]``, so the chosen input is in a band of
-        ``2*step + kernel`` from ``(i - 1)*step``: a regular window of stride ``step`` whose phase
-        pick transposes to pads and adds, not a scatter. That holds (``band``) where the
-        samples' dtype holds every integer up to the axis size exactly, so that ``i + u`` rounds
-        into ``[i, i + 1]``: up to 256 in bfloat16, 2048 in float16 (:func:`band_holds`). None
-        for other windows."""
-        start, length = aux
-        if self.step is None or length is not None or not self.band:
-            return None
-        a = self.step
-        band = AxisPlan(self.axis, self.size, 2 * a + self.kernel, a, 1, a, 0, self.out)
-        lo = along(np.arange(self.out, dtype=np.int32) * a - a, self.axis, offset.ndim)
-        rel = self._spread(start, offset.ndim) + offset.astype(jnp.int32) - jnp.asarray(lo)
-        return phase_pick(t, band, rel.astype(jnp.int16), shift_offsets=True)
-
-    def valid(self, ndim: int) -> list[None]:
-        return [None] * self.kernel
-
-    def position(self, offset, aux) -> jax.Array:
-        return self._index(aux, offset.astype(jnp.int32), offset.ndim)
-
-
-def band_holds(size: int, dtype) -> bool:
-    """Whether ``dtype`` holds every integer up to ``size`` exactly: then PyTorch's starts of
-    integer-alpha windows computed in ``dtype`` stay in :meth:`FractionalPlan.pick`'s band."""
-    return size <= 2 ** (jnp.finfo(dtype).nmant + 1)
-
-
-def _take_unique(x, index, axis):
-    """:func:`_take` promising XLA that no two entries of ``index`` along ``axis`` are equal."""
-    if index.ndim == 1 and x.ndim > 1:
-        return jnp.take(x, index, axis, mode="clip", unique_indices=True, indices_are_sorted=True)
-    shape = (*x.shape[:axis], index.shape[axis], *x.shape[axis + 1 :])
-    where = [lax.broadcasted_iota(jnp.int32, shape, d) for d in range(x.ndim)]
-    where[axis] = jnp.broadcast_to(index, shape)
-    return x.at[tuple(where)].get(mode="promise_in_bounds", unique_indices=True)
-
-
-def _take(x, index, axis):
-    if index.ndim == 1 and x.ndim > 1:
-        return jnp.take(x, index, axis=axis, mode="clip")
-    return jnp.take_along_axis(x, index, axis=axis, mode="promise_in_bounds")
+from jaxconv._src.fractional_plan import FractionalPlan, band_holds
+from jaxconv._src.window import AxisPlan
 
 
 def pool(x, plans, aux, return_indices):
@@ -435,7 +296,8 @@ def fractional_max_pool(
         aux.append((_spread_starts(starts[-1], i, n, data_format == "channels_last"), None))
         step = (size - k) // (out - 1) if out > 1 and (size - k) % (out - 1) == 0 else None
         step = step if size < 2**24 else None
-        plans.append(FractionalPlan(axis, size, k, out, step, band_holds(size, x.dtype)))
+        band = band_holds(size, x.dtype, integer_alpha=step is not None)
+        plans.append(FractionalPlan(axis, size, k, out, step, band))
     return _pool_fractional(x, tuple(plans), tuple(aux), starts, return_indices)
 
 

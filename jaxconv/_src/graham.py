@@ -14,7 +14,6 @@ from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, spatial_rank
 from jaxconv._src.fractional import (
-    FractionalPlan,
     check_fits,
     check_key,
     check_one_size,
@@ -22,6 +21,7 @@ from jaxconv._src.fractional import (
     output_sizes,
     pool,
 )
+from jaxconv._src.fractional_plan import FractionalPlan
 
 
 def graham_random_boundaries(key: jax.Array, size: int, out: int) -> jax.Array:
