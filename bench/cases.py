@@ -114,6 +114,7 @@ def _full_bases() -> list[Case]:
         _adaptive("adaptive_max_pool", "adaptive max", 50, 7, (32, 64)),
         _adaptive("adaptive_max_pool", "adaptive max", 7, 1, (32, 64)),
         _pool("fractional_max_pool", "fractional max 2x2 r0.5", big, 2, 2),
+        _pool("fractional_max_pool", "fractional max 2x2 r0.7", big, 2, 2, ratio=0.7),
         _pool("max_unpool", "max_unpool 2x2 s2", (32, 28, 28, 64), 2, 2),
         _pool("max_pool", "max1d k3 s2", (64, 4096, 256), 3, 2),
         _pool("avg_pool", "avg1d k3 s2", (64, 4096, 256), 3, 2),
