@@ -34,7 +34,7 @@ class FractionalPlan:
     kernel: int
     out: int
     step: int | None = None
-    band: bool = True  # the starts stay in the band of :meth:`pick` (see there)
+    band: bool = False  # PyTorch's starts that stay in the band of :meth:`pick` (see there)
 
     def _spread(self, v, ndim):
         """A 1-D per-output array shaped to broadcast along ``axis``; others pass through."""
@@ -114,14 +114,15 @@ class FractionalPlan:
         return self.step is not None
 
     def pick(self, t, aux, offset) -> jax.Array | None:
-        """The tap of ``t`` at ``offset`` for PyTorch's starts with an integer ``alpha = step``.
+        """The tap of ``t`` at ``offset`` for PyTorch's starts where ``band`` holds.
 
-        Start ``i`` lies in ``[(i - 1)*step, (i + 1)*step]``, so the chosen input is in a band of
-        ``2*step + kernel`` from ``(i - 1)*step``: a regular window of stride ``step`` whose phase
-        pick transposes to pads and adds, not a scatter. That holds (``band``) where the
-        samples' dtype holds every integer up to the axis size exactly, so that ``i + u`` rounds
-        into ``[i, i + 1]``: up to 256 in bfloat16, 2048 in float16 (:func:`band_holds`). None
-        for other windows."""
+        With an integer ``alpha = step``, start ``i`` lies in ``[(i - 1)*step, (i + 1)*step]``,
+        so the chosen input is in a band of ``2*step + kernel`` from ``(i - 1)*step``: a
+        regular window of stride ``step`` whose phase pick transposes to pads and adds, not a
+        scatter. That holds where the samples' dtype holds every integer up to the axis size
+        exactly, so that ``i + u`` rounds into ``[i, i + 1]``: up to 256 in bfloat16, 2048 in
+        float16 (:func:`band_holds`). Other ``alpha``: :meth:`_base_pick`. None for Graham's
+        windows and where the band does not hold."""
         start, length = aux
         if length is not None or not self.band:
             return None
@@ -172,12 +173,14 @@ class FractionalPlan:
 
         rel = lax.cond(inside, band_place, nowhere, first, offset)
         t = lax.cond(inside, lambda t: t, jnp.zeros_like, t)
+        shape = (*t.shape[: self.axis], self.out, *t.shape[self.axis + 1 :])
 
         def tap(m):
             real = (lo + m >= 0) & (lo + m < self.size)
             to = np.arange(self.size) + self.out  # out of range: dropped
             to[(lo + m)[real]] = np.flatnonzero(real)
-            return _scatter_along(t, to, self.axis, self.out)
+            where = (slice(None),) * self.axis + (jnp.asarray(to, jnp.int32),)
+            return jnp.zeros(shape, t.dtype).at[where].add(t, mode="drop", unique_indices=True)
 
         chosen = tap(0)
         for m in range(1, width):
@@ -203,23 +206,6 @@ def band_holds(size: int, dtype, integer_alpha: bool = True) -> bool:
     """
     exact = 2 ** (jnp.finfo(dtype).nmant + 1)
     return size <= exact if integer_alpha else 4 * size <= exact
-
-
-def _scatter_along(t, to, axis: int, out: int):
-    """``t``'s slices along ``axis`` added at static positions ``to`` (unique; out of range
-    dropped) of an axis of ``out``, the other axes kept in place, so that the transpose gathers
-    without moving the axis (``jnp``'s indexing moves it first: a transposed copy)."""
-    others = tuple(d for d in range(t.ndim) if d != axis)
-    numbers = lax.ScatterDimensionNumbers(
-        update_window_dims=others,
-        inserted_window_dims=(axis,),
-        scatter_dims_to_operand_dims=(axis,),
-    )
-    zeros = jnp.zeros((*t.shape[:axis], out, *t.shape[axis + 1 :]), t.dtype)
-    index = jnp.asarray(to, jnp.int32)[:, None]
-    return lax.scatter_add(
-        zeros, index, t, numbers, unique_indices=True, mode=lax.GatherScatterMode.FILL_OR_DROP
-    )
 
 
 def _take_unique(x, index, axis):
