@@ -30,7 +30,7 @@ With an integer ``alpha`` off the grid, the tangent pick is a regular phase pick
 18 ms with the gathers' scatter). With a non-integer ``alpha`` (2x2 at ratio 0.7, 56 -> 39;
 3x3, 56 -> 27) start ``i`` is ``floor(i*alpha)`` or one more, up to rounding: the tangent picks
 from a band of static slices at ``floor(i*alpha) - 1`` (``FractionalPlan._base_pick``), whose
-transpose gathers: float32 (32, 56, 56, 64), forward plus backward 34 and 27 ms against 79 and
+transpose gathers: float32 (32, 56, 56, 64), forward plus backward 29 and 27 ms against 79 and
 85 ms with the gathers' scatter (PyTorch channels_last 28 and 24 ms). Where neither band holds
 (16-bit samples on long axes) and for Graham's windows, the tangent stacks a window's taps
 with one gather (``FractionalPlan.window``), so reverse mode scatters once per axis instead of
