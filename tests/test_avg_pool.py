@@ -200,6 +200,8 @@ def test_half_precision_accumulates_in_float32(dtype):
         ((2, 33, 5), (3,), 2, 0),
         ((2, 33, 5), (3,), 1, 1),
         ((1, 5, 6, 5, 2), (3, 3, 3), 1, 1),
+        ((2, 21, 20, 3), (6, 6), 5, 0),
+        ((1, 13, 12, 11, 2), (4, 3, 3), 3, 1),
     ],
 )
 def test_bfloat16_is_the_float32_result_rounded_to_nearest_even(shape, window, stride, padding):
