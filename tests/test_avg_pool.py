@@ -181,9 +181,18 @@ def test_seed_average_pool_of_c_is_the_window_mean():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_half_precision_accumulates_in_float32(dtype):
-    x = np.random.default_rng(2).uniform(30000, 60000, (2, 6, 6, 3)).astype(np.float32)
-    f = jax.jit(lambda x: jaxconv.avg_pool(x, (3, 3), 1, 1))
+@pytest.mark.parametrize(
+    ("window", "stride", "padding"),
+    [
+        ((3, 3), 1, 1),  # one pass over the box
+        ((20, 3), (20, 3), 0),  # tiling windows, the taps of the first axis in groups
+        ((17, 2), 5, 0),  # one axis at a time, the taps of the first axis in groups
+        ((8, 8), 7, 0),  # one axis at a time, one group
+    ],
+)
+def test_half_precision_accumulates_in_float32(dtype, window, stride, padding):
+    x = np.random.default_rng(2).uniform(30000, 60000, (2, 41, 21, 3)).astype(np.float32)
+    f = jax.jit(lambda x: jaxconv.avg_pool(x, window, stride, padding))
     y = f(jnp.asarray(x, dtype))
     chex.assert_type(y, dtype)
     chex.assert_tree_all_finite(y)
@@ -202,6 +211,7 @@ def test_half_precision_accumulates_in_float32(dtype):
         ((1, 5, 6, 5, 2), (3, 3, 3), 1, 1),
         ((2, 21, 20, 3), (6, 6), 5, 0),
         ((1, 13, 12, 11, 2), (4, 3, 3), 3, 1),
+        ((2, 32, 16, 3), (16, 16), 16, 0),
     ],
 )
 def test_bfloat16_is_the_float32_result_rounded_to_nearest_even(shape, window, stride, padding):
