@@ -214,30 +214,25 @@ def test_half_precision_accumulates_in_float32(dtype, window, stride, padding):
         ((2, 32, 16, 3), (16, 16), 16, 0),
     ],
 )
-def test_bfloat16_is_the_float32_result_rounded_to_nearest_even(shape, window, stride, padding):
-    """bfloat16 values and input gradients are the float32 ones rounded to nearest even (NaN,
-    inf and sums beyond bfloat16's range included): the same bits, or the neighbour where XLA
-    fused the float32 arithmetic differently (one ulp of float32 can cross a rounding tie).
-    Reverse over reverse works."""
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_is_the_float32_result_rounded_to_nearest_even(shape, window, stride, padding, dtype):
+    """bfloat16 and float16 values and input gradients are the float32 ones rounded to nearest
+    even (NaN, inf and sums beyond the 16-bit range included): the same bits, or the neighbour
+    where XLA fused the float32 arithmetic differently (one ulp of float32 can cross a rounding
+    tie). Reverse over reverse works."""
     rng = np.random.default_rng(len(shape) + stride + padding)
     x = rng.standard_normal(shape).astype(np.float32)
-    x.reshape(-1)[rng.choice(x.size, 6, replace=False)] = [
-        np.nan,
-        np.inf,
-        -np.inf,
-        3e38,
-        3e38,
-        -3e38,
-    ]
-    xb = jnp.asarray(x, jnp.bfloat16)
+    big = 0.9 * float(jnp.finfo(dtype).max)  # sums of two overflow the 16-bit dtype
+    x.reshape(-1)[rng.choice(x.size, 6, replace=False)] = [np.nan, np.inf, -np.inf, big, big, -big]
+    xb = jnp.asarray(x, dtype)
     pool = lambda v: jaxconv.avg_pool(v, window, stride, padding)  # noqa: E731
     y, vjp = jax.vjp(pool, xb)
-    cot = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
+    cot = jnp.asarray(rng.standard_normal(y.shape), dtype)
     y32, vjp32 = jax.vjp(pool, xb.astype(jnp.float32))
     want = [np.asarray(y32), np.asarray(vjp32(cot.astype(jnp.float32))[0])]
     for got, expected in zip([y, jax.jit(lambda c: vjp(c)[0])(cot)], want, strict=True):
-        chex.assert_type(got, jnp.bfloat16)
-        got, expected = np.asarray(got), expected.astype(jnp.bfloat16)
+        chex.assert_type(got, dtype)
+        got, expected = np.asarray(got), expected.astype(dtype)
         # NaN where float32 has NaN; its payload bits are the backend's (0x7FC0 or 0x7FFF)
         nan = np.isnan(expected)
         np.testing.assert_array_equal(np.isnan(got), nan)
@@ -248,7 +243,7 @@ def test_bfloat16_is_the_float32_result_rounded_to_nearest_even(shape, window, s
     second = jax.jit(
         jax.grad(lambda v: jnp.sum(jax.grad(lambda u: jnp.sum(pool(u) * cot))(v) ** 2))
     )
-    chex.assert_type(second(xb), jnp.bfloat16)
+    chex.assert_type(second(xb), dtype)
 
 
 def test_vmap_and_batch_axes():

@@ -240,13 +240,15 @@ def _weave(results, plans, sizes, phases, prefix):
     return _interleave(parts, plan.axis, sizes[level], min(plan.stride, sizes[level]))
 
 
-def sum_transpose(h: jax.Array, plans, sizes) -> jax.Array:
+def sum_transpose(h: jax.Array, plans, sizes, finish=None) -> jax.Array:
     """The adjoint of the box-window sum ``box_map(x, plans, sum, 0)``, applied to ``h``.
 
     Input position ``i`` receives the sum of ``h`` over every output whose window reads it
-    (:func:`adjoint_map`). ``sizes`` are the input lengths along the plans' axes.
+    (:func:`adjoint_map`). ``sizes`` are the input lengths along the plans' axes. ``finish``
+    (elementwise) is applied to each block's sums inside its loop.
     """
-    return adjoint_map(h, plans, sizes, lambda parts, _: functools.reduce(jnp.add, parts))
+    finish = finish or (lambda v: v)
+    return adjoint_map(h, plans, sizes, lambda parts, _: finish(functools.reduce(jnp.add, parts)))
 
 
 def tiles(plans) -> bool:
