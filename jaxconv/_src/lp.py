@@ -94,9 +94,10 @@ def _wide(x):
     return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
 
 
-def _box_norm(x, p, plans):
-    """The p-norm over every box window of ``plans`` (finite ``p``)."""
-    return box_map(x, plans, lambda parts, _: _norm_of(parts, p), 0)
+def _box_norm(x, p, plans, store: bool = False):
+    """The p-norm over every box window of ``plans`` (finite ``p``); ``store`` as in
+    :func:`~jaxconv._src.boxmap.box_map`."""
+    return box_map(x, plans, lambda parts, _: _norm_of(parts, p), 0, store=store)
 
 
 def _box_max(x, plans):
@@ -154,7 +155,10 @@ def _norm_static(x, plans, p: float):
 
 
 def _norm_static_fwd(x, plans, p):
-    y = _box_norm(_wide(x), p, plans)
+    # The norm is stored: for 16-bit x, XLA otherwise recomputed the window maxima from x in
+    # the output's rounding and in the gradient (p=2 3x3 stride 2 on (32, 56, 56, 64) forward
+    # plus backward: float16 10.1 -> 5.8 ms, bfloat16 7.1 -> 6.0 ms; float32 unchanged).
+    y = _box_norm(_wide(x), p, plans, store=True)
     return y, (x, y)
 
 
