@@ -186,7 +186,7 @@ def _regular_sum(t, plans):
 def _regular_mean(x, spec: WindowSpec):
     """The average over windows of one length at a fixed step on every axis (50 -> 7: 8 at
     step 7), computed as avg_pool computes it (:func:`~jaxconv._src.avg.window_mean`: strided
-    slices, no rescue pass under ``lax.cond`` unless the windows tile).
+    slices, no rescue pass under ``lax.cond`` unless tiling windows are summed by a reduction).
 
     The tangent is :func:`_regular_sum`, whose transpose XLA runs fast; the transpose of the
     slices is a sum of interior-padded copies. float32 NHWC (32, 50, 50, 64) -> 7x7, against the
