@@ -187,6 +187,7 @@ def test_seed_average_pool_of_c_is_the_window_mean():
         ((3, 3), 1, 1),  # one pass over the box
         ((20, 3), (20, 3), 0),  # tiling windows, the taps of the first axis in groups
         ((17, 2), 5, 0),  # one axis at a time, the taps of the first axis in groups
+        ((18, 3), 4, (9, 1)),  # the same with padding: border blocks
         ((8, 8), 7, 0),  # one axis at a time, one group
     ],
 )
