@@ -205,6 +205,36 @@ def test_half_precision(dtype):
     np.testing.assert_array_equal(np.asarray(mx, np.float32), ref_max)
 
 
+MANY_TAPS = [
+    ("adaptive_max_pool", (2, 40, 6, 3), {"output_size": (2, 3)}),  # tiling, 20 taps
+    ("adaptive_max_pool", (2, 50, 6, 3), {"output_size": (3, 2)}),  # lengths 17, 18, 17
+    ("adaptive_max_pool", (2, 64, 3), {"output_size": (2,)}),  # 1-D, 32 taps
+    ("adaptive_max_pool", (1, 34, 4, 5, 2), {"output_size": (2, 2, 1)}),  # 3-D
+    ("max_pool", (2, 32, 8, 3), {"window": (16, 2)}),  # tiling max pool window
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize(("name", "shape", "kwargs"), MANY_TAPS, ids=str)
+def test_half_precision_max_over_many_taps_is_exact(name, shape, kwargs, dtype):
+    """16-bit max over windows of more than 15 taps per axis (keyed in groups of taps) gives
+    the float32 max of the same values: NaN, infinities and zeros of either sign included."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1)
+    spots = rng.choice(flat.size, 8, replace=False)
+    flat[spots] = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-6, -1e4, np.nan]
+    flat[rng.choice(flat.size, 40, replace=False)] = -0.0  # windows of zeros only, signs mixed
+    xh = jnp.asarray(x, dtype)
+    pool = jax.jit(lambda v: getattr(jaxconv, name)(v, **kwargs))
+    got = np.asarray(pool(xh))
+    want = np.asarray(pool(xh.astype(jnp.float32))).astype(dtype)
+    chex.assert_type(got, dtype)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_array_equal(got[ok], want[ok])
+
+
 @pytest.mark.parametrize(
     ("data_format", "shape", "output_size", "product"),
     [

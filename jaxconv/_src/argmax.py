@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxconv._src.cast import CONVERTED_TAPS, tap_groups
 from jaxconv._src.joint import joint_index, joint_max, joint_pick
 from jaxconv._src.order import from_key, is_narrow, lowest_key, order_key
 from jaxconv._src.select import (
@@ -29,6 +30,7 @@ from jaxconv._src.select import (
     pick,
     position_dtype,
     staged_max_jvp,
+    use_reduce_window,
     window_args,
 )
 from jaxconv._src.window import AxisPlan, along
@@ -54,8 +56,30 @@ def select_max(x, aux, plans, return_indices: bool):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _narrow_max(x, aux, plans):
-    key = max_values(order_key(x), aux, plans, lowest_key(x.dtype))
-    return from_key(key, x.dtype)
+    return from_key(_key_max(x, aux, plans), x.dtype)
+
+
+def _key_max(x, aux, plans):
+    """The max of the order keys of ``x`` over the windows.
+
+    Where the first spatial axis's windows are more than ``CONVERTED_TAPS`` taps (not a
+    ``reduce_window``), its taps are keyed inside the loops that read them, in
+    :func:`~jaxconv._src.cast.tap_groups`, and each group is reduced through every axis (a max
+    does not depend on the order of the axes): with one key array for all taps, XLA's CPU
+    compiler wrote the keys of all of ``x`` out first (bfloat16 adaptive max 224 -> 7 on
+    (32, 224, 224, 64) forward: 7.7-8.4 ms against 14-14.6 ms).
+    """
+    fill = lowest_key(x.dtype)
+    if joint_path(plans) or use_reduce_window(plans[0]):
+        return max_values(order_key(x), aux, plans, fill)
+    taps = plans[0].taps(x, jnp.asarray(-jnp.inf, x.dtype), aux[0])
+    if len(taps) <= CONVERTED_TAPS:  # one key array (7 -> 1: 0.04-0.06 against 0.08 ms)
+        return max_values(order_key(x), aux, plans, fill)
+    totals = []
+    for lo, hi in tap_groups(len(taps)):
+        key = functools.reduce(lax.max, [order_key(t) for t in taps[lo:hi]])
+        totals.append(max_values(key, aux[1:], plans[1:], fill) if len(plans) > 1 else key)
+    return functools.reduce(lax.max, totals)
 
 
 @_narrow_max.defjvp

@@ -21,7 +21,6 @@ transpose of the slices (a sum of padded copies) measured 75-180 ms.
 """
 
 import functools
-import itertools
 import math
 
 import jax
@@ -39,12 +38,11 @@ from jaxconv._src.boxmap import (
     tile_sum,
     tiles,
 )
-from jaxconv._src.cast import narrow, widen
+from jaxconv._src.cast import narrow, tap_groups, widen
 from jaxconv._src.window import AxisPlan, WindowSpec, window_spec
 
 _FNAME = "avg_pool"
 BOX_LIMIT = 27  # window elements summed in one pass; larger windows go one axis at a time
-CONVERTED_TAPS = 15  # 16-bit taps converted in one loop (see _axis_sums)
 
 
 def _axis_counts(plan: AxisPlan, count_include_pad: bool) -> np.ndarray:
@@ -140,8 +138,9 @@ def _axis_sums(x: jax.Array, plans, scale: float) -> jax.Array:
 
     The taps of the first axis are scaled (and 16-bit taps converted) inside its loop. XLA's
     CPU compiler moves a conversion ahead of the slices that read it and writes a float32 copy
-    of ``x`` when one loop reads 16 or more of them, so 16-bit taps are summed in groups of at
-    most ``CONVERTED_TAPS``, each group through every axis, and the small results added
+    of ``x`` when one loop reads 16 or more of them, so 16-bit taps are summed in groups
+    (:func:`~jaxconv._src.cast.tap_groups`), each group through every axis, and the small
+    results added
     (bfloat16 224 -> 7 on (32, 224, 224, 64) forward: 8 ms against 21-30 ms for the tiling
     reduction). A single group's first sums are stored (``box_map(..., store=True)``), else XLA
     fuses them into the next axis's loop with the same effect (bfloat16 8x8 stride 7 on
@@ -150,17 +149,16 @@ def _axis_sums(x: jax.Array, plans, scale: float) -> jax.Array:
     dtype = compute_dtype(x.dtype)
     converted = dtype != x.dtype
     kernel = plans[0].kernel
-    groups = -(-kernel // CONVERTED_TAPS) if converted else 1
-    bounds = np.linspace(0, kernel, groups + 1).round().astype(int)
+    groups = tap_groups(kernel) if converted else [(0, kernel)]
     totals = []
-    for lo, hi in itertools.pairwise(bounds):
+    for lo, hi in groups:
 
         def scaled_sum(parts, _ranges, lo=lo, hi=hi):
             # Scaled by a division: XLA factors a power-of-two product out of a sum (``a*c +
             # b*c`` to ``(a+b)*c``), which overflows.
             return _add_all([p.astype(dtype) / jnp.asarray(1 / scale, dtype) for p in parts[lo:hi]])
 
-        y = box_map(x, plans[:1], scaled_sum, 0, store=converted and groups == 1)
+        y = box_map(x, plans[:1], scaled_sum, 0, store=converted and len(groups) == 1)
         for plan in plans[1:]:
             y = box_map(y, (plan,), _add_all, 0)
         totals.append(y)

@@ -17,10 +17,26 @@ forward over reverse).
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+# XLA's CPU compiler (jax 0.10.2) moves an elementwise map of a 16-bit array (a conversion to
+# float32, the int16 order keys) ahead of the slices that read it and writes the mapped array
+# out first when one loop reads 16 or more slices of it; up to 15 it maps each slice inside the
+# loop. Ops that read many taps of 16-bit input therefore map them in groups (tap_groups).
+CONVERTED_TAPS = 15
+
+
+def tap_groups(count: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges splitting ``count`` taps into near-equal groups of at most
+    ``CONVERTED_TAPS``, each mapped from 16 bits inside one loop."""
+    groups = -(-count // CONVERTED_TAPS)
+    bounds = np.linspace(0, count, groups + 1).round().astype(int).tolist()
+    return list(itertools.pairwise(bounds))
 
 
 def _round_bits(y: jax.Array, fuse: bool) -> jax.Array:

@@ -165,7 +165,7 @@ def _pick_distinct(t, aux, offset, plan):
     )
 
 
-def _use_reduce_window(plan) -> bool:
+def use_reduce_window(plan) -> bool:
     """Regular plans whose windows overlap or read padding reduce with ``lax.reduce_window``."""
     if not isinstance(plan, AxisPlan):
         return False
@@ -187,7 +187,7 @@ def crop_out(x, plan: AxisPlan):
 
 def _axis_values(x, plan, a, fill):
     """Max along one plan's axis, values only (``lax.max`` propagates NaN)."""
-    if _use_reduce_window(plan):
+    if use_reduce_window(plan):
         return crop_out(lax.reduce_window(x, fill, lax.max, **window_args(plan, x.ndim)), plan)
     value_taps = plan.taps(x, fill, a)
     x = value_taps[0]
@@ -370,7 +370,7 @@ def _axis_stage(x, plan, a):
     """Winner along one axis: its value and tap offset (the tangent rule's residual)."""
     if _stacked(plan):
         return _stacked_argmax(x, a, plan)
-    if _use_reduce_window(plan):
+    if use_reduce_window(plan):
         return _argmax_stage(x, plan)
     value_taps = plan.taps(x, jnp.asarray(-jnp.inf, x.dtype), a)
     value, offset, _ = _fold(value_taps, plan.valid(x.ndim), [()] * len(value_taps))
