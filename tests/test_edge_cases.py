@@ -577,7 +577,8 @@ def test_half_max_values_like_pytorch(shape, name, args, kwargs, dtype, tdtype):
     ("dtype", "tdtype"), [(jnp.float16, torch.float16), (jnp.bfloat16, torch.bfloat16)]
 )
 @pytest.mark.parametrize(
-    ("window", "stride", "padding"), [((3, 3), 1, 0), ((3, 3), 2, 1), ((2, 2), 2, 0)]
+    ("window", "stride", "padding"),
+    [((3, 3), 1, 0), ((3, 3), 2, 1), ((2, 2), 2, 0), ((5, 4), 2, 2), ((4, 5), 1, 0)],
 )
 def test_half_max_signed_zero_ties_like_pytorch(window, stride, padding, dtype, tdtype):
     """-0 and +0 tie, so the first zero wins and takes the gradient, as in PyTorch."""
