@@ -238,24 +238,34 @@ def test_adaptive_max_nan_and_inf_like_pytorch(seed):
     np.testing.assert_array_equal(np.asarray(idx), it.numpy())
 
 
-@pytest.mark.parametrize("which", ["adaptive_max_pool", "max_pool"])
-def test_tiling_max_nan_and_inf_gradient_like_pytorch(which):
+@pytest.mark.parametrize(
+    ("which", "shape", "size"),
+    [
+        ("adaptive_max_pool", (2, 3, 16, 12), (4, 3)),
+        ("max_pool", (2, 3, 16, 12), (4, 4)),
+        ("adaptive_max_pool", (2, 3, 128, 70), (2, 1)),  # 64 and 70 taps: int16 tap ranks
+    ],
+)
+def test_tiling_max_nan_and_inf_gradient_like_pytorch(which, shape, size):
     """Windows that tile the input with 4 or more taps per axis (their winners come from
     reductions): NaN, inf and all -inf windows give PyTorch's values and gradient."""
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 3, 16, 12)).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32)
     flat = x.reshape(-1)
     pos = rng.choice(flat.size, 60, replace=False)
     flat[pos] = rng.choice(SPECIALS, 60)
     x[0, 0, :4, :4] = -np.inf
     x[1, 2, 4:8, :4] = np.where(np.arange(16).reshape(4, 4) % 5 == 0, np.nan, 1.0)
+    if shape[2] >= 80:  # an all -inf window and NaN among ties on the long axes
+        x[1, 1, 64:, :] = -np.inf
+        x[0, 1, 64:80, 50:] = np.where(np.arange(16 * 20).reshape(16, 20) % 7 == 3, np.nan, 2.0)
     xt = torch.from_numpy(x).requires_grad_(True)
     if which == "adaptive_max_pool":
-        yt = F.adaptive_max_pool2d(xt, (4, 3))
-        fn = functools.partial(op(which), output_size=(4, 3), data_format="channels_first")
+        yt = F.adaptive_max_pool2d(xt, size)
+        fn = functools.partial(op(which), output_size=size, data_format="channels_first")
     else:
-        yt = F.max_pool2d(xt, 4, 4)
-        fn = functools.partial(op(which), window=(4, 4), stride=4, data_format="channels_first")
+        yt = F.max_pool2d(xt, size, size)
+        fn = functools.partial(op(which), window=size, stride=size, data_format="channels_first")
     cot = np.cos(np.arange(yt.numel())).reshape(yt.shape).astype(np.float32)
     yt.backward(torch.from_numpy(cot))
     y, vjp = jax.vjp(fn, jnp.asarray(x))

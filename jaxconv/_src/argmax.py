@@ -89,14 +89,23 @@ def _narrow_max_jvp(plans, primals, tangents):
     (32, 56, 56, 64) 1.9-2.5 against 3.3-3.4 ms; 2x2 stride 2 1.4-1.7 against 1.4 ms (exact on
     subnormals, which float32 flushes on CPU). Other paths take value and winners from
     :func:`~jaxconv._src.select.staged_max_jvp`: a second pass for the value from the keys made
-    fractional and adaptive max 10-25% slower."""
+    fractional and adaptive max 10-25% slower. Where no two windows overlap (:func:`_disjoint`)
+    each input element takes at most one output's tangent, so the staged picks run in the
+    16-bit dtype itself, exactly: bfloat16 adaptive max 224 -> 7 forward plus backward 23
+    against 26-28 ms, 3x3x3 stride 3 on (4, 18, 54, 54, 32) 6.1 against 11.2 ms. The joint
+    path keeps float32 (2x2 stride 2 took 35 against 1.3 ms in bfloat16)."""
     x, aux = primals
+    t = tangents[0].astype(jnp.float32)
     if joint_path(plans):  # the primal again through _narrow_max, for higher orders
         _, offsets = joint_max(order_key(x), plans, fill=lowest_key(x.dtype))
-        tangent = joint_pick(tangents[0].astype(jnp.float32), plans, offsets)
-        return _narrow_max(x, aux, plans), tangent.astype(x.dtype)
-    value, tangent = staged_max_jvp(x, aux, plans, tangents[0].astype(jnp.float32))
+        return _narrow_max(x, aux, plans), joint_pick(t, plans, offsets).astype(x.dtype)
+    value, tangent = staged_max_jvp(x, aux, plans, tangents[0] if _disjoint(plans) else t)
     return value.astype(x.dtype), tangent.astype(x.dtype)
+
+
+def _disjoint(plans) -> bool:
+    """Regular windows that never overlap: each input element is picked by at most one output."""
+    return all(isinstance(p, AxisPlan) and p.span <= p.stride for p in plans)
 
 
 def max_and_index(x, aux, plans, sizes):

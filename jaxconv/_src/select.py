@@ -346,11 +346,13 @@ def _stacked_stage(w, axis: int, k: int):
     reads ``w`` as it is (masking NaN first made XLA write a masked copy of the input: adaptive
     max 224 -> 7 on float32 NHWC (32, 224, 224, 64), forward plus backward 48-61 ms against
     38 ms). The offsets are a stored reduction result, so the tangent's transpose reads them
-    instead of recomputing the winners per input element.
+    instead of recomputing the winners per input element. The key is int8 where the ranks fit
+    (``k <= 63``): adaptive max 224 -> 7 (32 taps) forward plus backward on (32, 224, 224, 64)
+    float32 35-38 against 44-46 ms with int16 keys, bfloat16 23-24 against 29-33 ms.
     """
     nan = jnp.isnan(w)
     value = jnp.max(w, axis=axis)
-    dtype = jnp.int16 if 2 * k < 32767 else jnp.int32
+    dtype = jnp.int8 if 2 * k < 127 else jnp.int16 if 2 * k < 32767 else jnp.int32
     j = lax.broadcasted_iota(dtype, w.shape, axis)
     key = jnp.where(
         nan,
