@@ -36,6 +36,9 @@ class Settings:
     # sub-millisecond medians of 20 calls moved by 2x between runs
     min_time_s: float = 0.0
     max_repeats: int = 2000
+    # the peers of a case take turns: each round times every peer with a share of the repeats,
+    # budget and minimum time, so that a change in the machine's load weighs on all of them
+    rounds: int = 3
 
 
 def time_calls(call: Callable[[], object], settings: Settings, first_s: float = 0.0) -> list[float]:
@@ -66,6 +69,59 @@ def time_calls(call: Callable[[], object], settings: Settings, first_s: float = 
         if len(times) >= settings.min_repeats and spent > settings.budget_s:
             break
     return times
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A peer ready to be timed: its call, how long its first call took, what it reports."""
+
+    call: Callable[[], object]
+    first_s: float
+    meta: dict
+
+
+def time_in_turn(prepared: dict[str, Prepared], settings: Settings) -> dict:
+    """Per peer, the seconds of its timed calls, or the exception one of them raised.
+
+    The peers take turns over ``settings.rounds`` rounds, the order reversed every other
+    round; each round times a peer by :func:`time_calls` with its share of the settings
+    (:func:`_round_share`), so a change in the machine's load during a case weighs on every
+    peer alike. A peer whose first call alone exceeded the whole budget keeps that one time.
+    """
+    rounds = max(1, settings.rounds)
+    out: dict = {name: [p.first_s] for name, p in prepared.items() if p.first_s > settings.budget_s}
+    timed = [name for name in prepared if name not in out]
+    out.update({name: [] for name in timed})
+    for r in range(rounds):
+        this = _round_share(settings, r, rounds)
+        for name in timed if r % 2 == 0 else timed[::-1]:
+            if isinstance(out[name], Exception):
+                continue
+            # the first call decides the first round's warm-up (never a time of its own here)
+            first_s = min(prepared[name].first_s, this.budget_s) if r == 0 else 0.0
+            try:
+                out[name] += time_calls(prepared[name].call, this, first_s)
+            except Exception as e:  # a peer's failure is its result
+                out[name] = e
+    return out
+
+
+def _round_share(settings: Settings, r: int, rounds: int) -> Settings:
+    """Round ``r``'s part of ``settings``: the repeats split exactly (earlier rounds take the
+    remainder), the budget and minimum time evenly, warm-up in the first round only."""
+
+    def part(n: int) -> int:
+        return n // rounds + (r < n % rounds)
+
+    return dataclasses.replace(
+        settings,
+        repeats=part(settings.repeats),
+        min_repeats=part(settings.min_repeats),
+        max_repeats=part(settings.max_repeats),
+        budget_s=settings.budget_s / rounds,
+        min_time_s=settings.min_time_s / rounds,
+        warmup=settings.warmup if r == 0 else 0,
+    )
 
 
 def summarize(times: list[float]) -> dict:
@@ -144,8 +200,8 @@ def _nbytes(tree) -> int:
     return sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def measure_jax(job: JaxJob, mode: str, settings: Settings) -> dict:
-    """Compile and time a JAX job in ``mode`` (``"fwd"`` or ``"fwdbwd"``)."""
+def prepare_jax(job: JaxJob, mode: str) -> Prepared:
+    """Compile a JAX job in ``mode`` (``"fwd"`` or ``"fwdbwd"``) and run it once."""
     fn, args = job.fn, job.args
     if mode == "fwdbwd":
         args = (*args, _cotangent(job))
@@ -157,10 +213,8 @@ def measure_jax(job: JaxJob, mode: str, settings: Settings) -> dict:
     t2 = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))
     first_s = time.perf_counter() - t2
-    times = time_calls(lambda: jax.block_until_ready(compiled(*args)), settings, first_s)
-    return {
+    meta = {
         "status": "ok",
-        **summarize(times),
         "lower_s": t1 - t0,
         "compile_s": t2 - t1,
         "bytes_in": _nbytes(args),
@@ -169,6 +223,7 @@ def measure_jax(job: JaxJob, mode: str, settings: Settings) -> dict:
         "program": program_fingerprint(compiled),
         "_outputs": _jax_outputs(out),
     }
+    return Prepared(lambda: jax.block_until_ready(compiled(*args)), first_s, meta)
 
 
 def _torch_bytes(tensors) -> int:
@@ -182,10 +237,9 @@ def _synchronizer(tensors) -> Callable[[], None]:
     return lambda: None
 
 
-def measure_torch(job: TorchJob, mode: str, settings: Settings) -> dict:
-    """Time a PyTorch job: forward under no_grad, or forward and autograd.grad of a cotangent.
-
-    On CUDA tensors each timed call ends with ``torch.cuda.synchronize()``.
+def prepare_torch(job: TorchJob, mode: str) -> Prepared:
+    """A PyTorch job run once: forward under no_grad, or forward and autograd.grad of a
+    cotangent. On CUDA tensors each call ends with ``torch.cuda.synchronize()``.
     """
     fn, tensors = job.fn, job.tensors
     sync = _synchronizer(tensors)
@@ -215,14 +269,13 @@ def measure_torch(job: TorchJob, mode: str, settings: Settings) -> dict:
         ins = (*tensors, ct)
     t0 = time.perf_counter()
     out = call()
-    times = time_calls(call, settings, time.perf_counter() - t0)
-    return {
+    meta = {
         "status": "ok",
-        **summarize(times),
         "bytes_in": _torch_bytes(ins),
         "bytes_out": _torch_bytes(out),
         "_outputs": _torch_outputs(out),
     }
+    return Prepared(call, time.perf_counter() - t0, meta)
 
 
 def copy_bandwidth(nbytes: int, settings: Settings, backend: str) -> dict:

@@ -16,20 +16,21 @@ import numpy as np
 from bench import jax_peers, targets, torch_peers
 from bench.cases import Case
 from bench.inputs import make_inputs
-from bench.measure import Settings, measure_jax, measure_torch
+from bench.measure import Prepared, Settings, prepare_jax, prepare_torch, summarize, time_in_turn
 
 PEERS = ("jaxconv", "lax", "flax", "equinox", "torch_nchw", "torch_cl")
 JAX_PEERS = ("jaxconv", "lax", "flax", "equinox")
 CHANNELS_FIRST = ("equinox", "torch_nchw", "torch_cl")
 
 
-def _run_peer(peer: str, case: Case, inputs, settings: Settings) -> dict:
+def _prepare_peer(peer: str, case: Case, inputs, settings: Settings) -> Prepared | dict:
+    """The peer built, compiled and run once, or its final status when it cannot run."""
     jax_peer = peer in JAX_PEERS
     try:
         if jax_peer:
-            return measure_jax(jax_peers.BUILDERS[peer](case, inputs), case.mode, settings)
+            return prepare_jax(jax_peers.BUILDERS[peer](case, inputs), case.mode)
         job = torch_peers.BUILDERS[peer](case, inputs, settings.torch_device)
-        return measure_torch(job, case.mode, settings)
+        return prepare_torch(job, case.mode)
     except jax_peers.MissingOpError as e:
         return {"status": "missing", "reason": str(e)}
     except jax_peers.NotApplicableError as e:
@@ -37,9 +38,32 @@ def _run_peer(peer: str, case: Case, inputs, settings: Settings) -> dict:
     except NotImplementedError as e:
         if not jax_peer:  # e.g. PyTorch has no bfloat16 kernel for the op
             return {"status": "n/a", "reason": f"PyTorch: {e}"}
-        return {"status": "error", "error": f"NotImplementedError: {e}"[:1000]}
+        return _error(e)
     except Exception as e:  # a peer's failure is a result, not a crash of the suite
-        return {"status": "error", "error": f"{type(e).__name__}: {e}"[:1000]}
+        return _error(e)
+
+
+def _error(e: Exception) -> dict:
+    return {"status": "error", "error": f"{type(e).__name__}: {e}"[:1000]}
+
+
+def _run_peers(case: Case, peers, settings: Settings) -> dict:
+    """Every peer prepared, then timed in turn (:func:`bench.measure.time_in_turn`)."""
+    inputs = make_inputs(case)
+    prepared, results = {}, {}
+    for peer in peers:
+        p = _prepare_peer(peer, case, inputs, settings)
+        if isinstance(p, Prepared):
+            prepared[peer] = p
+        else:
+            results[peer] = p
+    for peer, times in time_in_turn(prepared, settings).items():
+        ok = not isinstance(times, Exception)
+        results[peer] = {**prepared[peer].meta, **summarize(times)} if ok else _error(times)
+    del prepared
+    jax.clear_caches()
+    gc.collect()
+    return {peer: results[peer] for peer in peers}
 
 
 def _agreement(results: dict, dtype: str) -> str | None:
@@ -90,12 +114,7 @@ def _add_bandwidth(results: dict, reference_gbps: float) -> None:
 
 def run_case(case: Case, peers, settings: Settings, reference_gbps: float) -> dict:
     """All peers of one case, their ratios and the targets that apply."""
-    inputs = make_inputs(case)
-    results = {}
-    for peer in peers:
-        results[peer] = _run_peer(peer, case, inputs, settings)
-        jax.clear_caches()
-        gc.collect()
+    results = _run_peers(case, peers, settings)
     _add_bandwidth(results, reference_gbps)
     reference = _agreement(results, case.dtype)
     ratios = _ratios(results)

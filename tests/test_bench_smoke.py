@@ -125,3 +125,28 @@ def test_fast_calls_repeat_until_the_minimum_time():
     more = bench.Settings(**base, min_time_s=100.0, max_repeats=50)
     assert len(bench.measure.time_calls(lambda: None, more)) == 50
     assert len(bench.measure.time_calls(lambda: None, bench.Settings(**base))) == 3
+
+
+def test_peers_take_turns_and_share_the_repeats():
+    """Each round times every peer, the order reversed every other round; the repeats split
+    exactly over the rounds; a failing peer keeps its exception, a slow one its first time."""
+    calls = []
+
+    def peer(name):
+        return bench.measure.Prepared(lambda: calls.append(name), 0.0, {})
+
+    def broken():
+        raise RuntimeError("no")
+
+    prepared = {
+        "a": peer("a"),
+        "b": peer("b"),
+        "bad": bench.measure.Prepared(broken, 0.0, {}),
+        "slow": bench.measure.Prepared(lambda: calls.append("slow"), 9.0, {}),
+    }
+    settings = bench.Settings(repeats=4, min_repeats=1, warmup=0, budget_s=5.0, rounds=3)
+    times = bench.measure.time_in_turn(prepared, settings)
+    assert calls == ["a", "a", "b", "b", "b", "a", "a", "b"]
+    assert len(times["a"]) == len(times["b"]) == 4
+    assert isinstance(times["bad"], RuntimeError)
+    assert times["slow"] == [9.0]
