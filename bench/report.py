@@ -169,12 +169,13 @@ def _allocator(m: dict) -> str:
 
 
 def _repeats(s: dict) -> str:
-    """How many calls each median is of."""
+    """How many calls each median is of, and in how many turns with the other peers."""
+    turns = f" in {s['rounds']} turns with the other peers" if s.get("rounds", 1) > 1 else ""
     if not s.get("min_time_s"):
-        return f"up to {s['repeats']} repeats"
+        return f"up to {s['repeats']} repeats{turns}"
     return (
         f"{s['repeats']} repeats or, for fast calls, as many as fit in {s['min_time_s']} s "
-        f"(at most {s['max_repeats']})"
+        f"(at most {s['max_repeats']}){turns}"
     )
 
 
