@@ -297,7 +297,7 @@ def fractional_max_pool(
         step = (size - k) // (out - 1) if out > 1 and (size - k) % (out - 1) == 0 else None
         step = step if size < 2**24 else None
         band = band_holds(size, x.dtype, integer_alpha=step is not None)
-        plans.append(FractionalPlan(axis, size, k, out, step, band))
+        plans.append(FractionalPlan(axis, size, k, out, step, band, last=i == n - 1))
     return _pool_fractional(x, tuple(plans), tuple(aux), starts, return_indices)
 
 
