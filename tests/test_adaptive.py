@@ -74,6 +74,7 @@ CASES = [
     ((9, 8), (None, 3), "channels_last", np.float64),
     ((7, 7), (1, 1), "channels_first", np.float32),
     ((7, 7), (1, 1), "channels_last", np.float64),
+    ((4, 3, 5), (1, 1, 1), "channels_first", np.float64),
     ((5, 6, 7), (1, 1, None), "channels_last", np.float32),
     ((5, 6, 7), (1, None, 1), "channels_last", np.float32),
     ((3, 11), (8, 11), "channels_last", np.float32),

@@ -244,6 +244,7 @@ def test_adaptive_max_nan_and_inf_like_pytorch(seed):
         ("adaptive_max_pool", (2, 3, 16, 12), (4, 3)),
         ("max_pool", (2, 3, 16, 12), (4, 4)),
         ("adaptive_max_pool", (2, 3, 128, 70), (2, 1)),  # 64 and 70 taps: int16 tap ranks
+        ("adaptive_max_pool", (2, 3, 16, 12), (1, 1)),  # one window of 192 taps
     ],
 )
 def test_tiling_max_nan_and_inf_gradient_like_pytorch(which, shape, size):
@@ -544,6 +545,7 @@ def _half_specials(shape, dtype, seed, subnormals=True):
         ((2, 3, 17), "max_pool1d", ((3,), 1, 1), {}),
         ((2, 3, 9, 11), "adaptive_max_pool2d", ((4, 3),), {}),
         ((2, 3, 16, 16), "adaptive_max_pool2d", ((2, 4),), {}),
+        ((2, 3, 7, 7), "adaptive_max_pool2d", ((1, 1),), {}),
     ],
 )
 @pytest.mark.parametrize(
