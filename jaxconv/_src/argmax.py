@@ -19,21 +19,23 @@ from jaxconv._src.cast import CONVERTED_TAPS, tap_groups
 from jaxconv._src.joint import joint_index, joint_max, joint_pick
 from jaxconv._src.order import from_key, is_narrow, lowest_key, order_key
 from jaxconv._src.select import (
-    crop_out,
     joint_path,
-    later_wins,
     max_reduce,
     max_stages,
     max_values,
+    pick,
+    staged_max_jvp,
+)
+from jaxconv._src.window import AxisPlan, along
+from jaxconv._src.window_argmax import (
+    crop_out,
+    later_wins,
     offset_dtype,
     phase_pick,
-    pick,
     position_dtype,
-    staged_max_jvp,
     use_reduce_window,
     window_args,
 )
-from jaxconv._src.window import AxisPlan, along
 
 
 def select_max(x, aux, plans, return_indices: bool):

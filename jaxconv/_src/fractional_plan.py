@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src.select import phase_pick
 from jaxconv._src.window import AxisPlan, along
+from jaxconv._src.window_argmax import phase_pick
 
 
 @dataclasses.dataclass(frozen=True)
