@@ -56,16 +56,19 @@ def _winners(parts, dtype):
     """The flat tap index of each window's winner in one sparse block of :func:`box_map`
     (padding taps are None; at least one is not).
 
-    The compares run against a max without NaN propagation (a compare and a select per tap
-    where ``lax.max`` costs three instructions): it is the true max wherever no tap is NaN, and
-    windows holding a NaN take their last NaN tap instead. The offsets of max 3x3 stride 2
-    padding 1 on (32, 112, 112, 64) float32 measured 4.6 against 5.4 ms.
+    One fold keeps the running winner and its tap: a tap replaces it only when strictly larger,
+    so the first maximum wins, and a NaN tap never does (a compare and two selects per tap;
+    ``lax.max`` costs three instructions for the value alone); windows holding a NaN take their
+    last NaN tap instead. The offsets of max 3x3 stride 2 padding 1 on (32, 112, 112, 64)
+    float32 measured 3.9-4.0 ms, against 4.8-4.9 ms for a max without NaN propagation and a
+    second fold for the first tap equal to it (5.4 ms with ``lax.max``).
     """
     real = [(j, part) for j, part in enumerate(parts) if part is not None]
-    value = functools.reduce(lambda a, b: jnp.where(b > a, b, a), [part for _, part in real])
-    first = jnp.full(value.shape, real[-1][0], dtype)
-    for j, part in reversed(real[:-1]):
-        first = jnp.where(part == value, jnp.asarray(j, dtype), first)
+    value, first = real[0][1], jnp.full(real[0][1].shape, real[0][0], dtype)
+    for j, part in real[1:]:
+        win = part > value
+        first = jnp.where(win, jnp.asarray(j, dtype), first)
+        value = jnp.where(win, part, value)
     last_nan = jnp.full(value.shape, -1, dtype)
     for j, part in real:
         last_nan = jnp.where(is_nan(part), jnp.asarray(j, dtype), last_nan)
