@@ -1,4 +1,5 @@
-"""Timing: warm-up then the median of repeats, compile time apart, memory and copy bandwidth.
+"""Timing: warm-up then the median of repeats, the peers of a case taking turns
+(:func:`time_in_turn`), compile time apart, memory and copy bandwidth.
 
 JAX functions are jitted; ``jax.jit(f).lower(*args)`` and ``.compile()`` are timed separately
 (``lower_s``, ``compile_s``), and the compiled executable is what runs, each call ended by
