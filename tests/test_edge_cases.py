@@ -586,6 +586,68 @@ def test_half_max_values_like_pytorch(shape, name, args, kwargs, dtype, tdtype):
 
 
 @pytest.mark.parametrize(
+    ("shape", "name", "args", "kwargs"),
+    [
+        ((2, 3, 9, 11), "max_pool2d", ((5, 4), 2, 2), {"ceil_mode": True}),
+        ((2, 3, 12, 8), "max_pool2d", ((4, 4),), {}),
+        ((2, 3, 5, 6, 7), "max_pool3d", ((3, 2, 3), 2, 1), {}),
+        ((2, 3, 50, 50), "adaptive_max_pool2d", ((7, 7),), {}),
+    ],
+)
+@pytest.mark.parametrize(
+    ("dtype", "tdtype"), [(jnp.float16, torch.float16), (jnp.bfloat16, torch.bfloat16)]
+)
+def test_half_max_indices_like_pytorch(shape, name, args, kwargs, dtype, tdtype):
+    """16-bit values and indices of windows beyond the joint path (their winners compare int16
+    order keys) on NaN of either sign, +-inf, +-0, ties and subnormals: PyTorch's, and so is
+    the gradient through the values."""
+    f = op("adaptive_max_pool" if name.startswith("adaptive") else "max_pool")
+
+    def pool(v):
+        return f(v, *args, **kwargs, return_indices=True, data_format="channels_first")
+
+    x = _half_specials(shape, dtype, len(shape) + len(args))
+    want, want_index = getattr(F, name)(
+        torch.from_numpy(x).to(tdtype), *args, **kwargs, return_indices=True
+    )
+    y, index = jax.jit(pool)(jnp.asarray(x, dtype))
+    chex.assert_type([y, index], [dtype, jnp.int32])
+    np.testing.assert_array_equal(np.asarray(y, np.float32), want.float().numpy())
+    np.testing.assert_array_equal(np.asarray(index), want_index.numpy())
+
+    x = _half_specials(shape, dtype, len(shape), subnormals=False)
+    xt = torch.from_numpy(x).to(tdtype).requires_grad_(True)
+    yt, _ = getattr(F, name)(xt, *args, **kwargs, return_indices=True)
+    cot = np.random.default_rng(1).integers(-3, 4, yt.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(cot).to(tdtype))
+    g = jax.jit(jax.grad(lambda v: jnp.sum(pool(v)[0].astype(jnp.float32) * cot)))(
+        jnp.asarray(x, dtype)
+    )
+    np.testing.assert_array_equal(np.asarray(g, np.float32), xt.grad.float().numpy())
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_half_max_gradient_sums_overlaps_once(dtype, return_indices):
+    """Where windows overlap, an input's cotangents from several windows are summed in float32
+    and rounded once: the float32 gradient of the same values, rounded to the dtype."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.permutation(2 * 21 * 23 * 3).reshape(2, 21, 23, 3) / 64, dtype)
+    cot = jnp.asarray(rng.standard_normal((2, 10, 11, 3)), dtype)
+
+    def loss(v):
+        y = op("max_pool")(v, (5, 4), 2, 1, return_indices=return_indices)
+        y = y[0] if return_indices else y
+        return jnp.sum(y.astype(jnp.float32) * cot.astype(jnp.float32))
+
+    g = jax.jit(jax.grad(loss))(x)
+    g32 = jax.jit(jax.grad(loss))(x.astype(jnp.float32))
+    np.testing.assert_array_equal(
+        np.asarray(g, np.float32), np.asarray(g32.astype(dtype), np.float32)
+    )
+
+
+@pytest.mark.parametrize(
     ("dtype", "tdtype"), [(jnp.float16, torch.float16), (jnp.bfloat16, torch.bfloat16)]
 )
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ def later_wins(a, b):
     return jnp.where(b_wins, vb, va), jnp.where(b_wins, ib, ia)
 
 
-def _key_wins(a, b):
+def key_wins(a, b):
     """:func:`later_wins` on ``(int16 order key, position)``: every NaN has the top key."""
     (ka, ia), (kb, ib) = a, b
     b_wins = jnp.where(is_nan(ka) & is_nan(kb), ib > ia, (kb > ka) | ((kb == ka) & (ib < ia)))
@@ -85,7 +85,7 @@ def _argmax_window(x, plan: AxisPlan):
     args = window_args(plan, x.ndim)
     if is_narrow(x.dtype):
         init = (lowest_key(x.dtype), last)
-        key, where = lax.reduce_window((order_key(x), position), init, _key_wins, **args)
+        key, where = lax.reduce_window((order_key(x), position), init, key_wins, **args)
         value = from_key(key, x.dtype).astype(jnp.float32)
     else:
         init = (jnp.asarray(-jnp.inf, x.dtype), last)
