@@ -106,7 +106,7 @@ def argmax_stage(x, plan: AxisPlan):
 def _argmax_stage_jvp(plan, primals, tangents):
     value, offset = argmax_stage(primals[0], plan)
     no_tangent = np.zeros(offset.shape, jax.dtypes.float0)
-    tangent = phase_pick(tangents[0], plan, offset).astype(value.dtype)  # 16-bit: float32
+    tangent = phase_pick(tangents[0].astype(value.dtype), plan, offset)  # 16-bit: float32
     return (value, offset), (tangent, no_tangent)
 
 
