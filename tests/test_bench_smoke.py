@@ -129,7 +129,8 @@ def test_fast_calls_repeat_until_the_minimum_time():
 
 def test_peers_take_turns_and_share_the_repeats():
     """Each round times every peer, the order reversed every other round; the repeats split
-    exactly over the rounds; a failing peer keeps its exception, a slow one its first time."""
+    exactly over the rounds; a failing peer keeps its exception; a peer whose first call
+    exceeded the budget is timed by one more call, not by its first."""
     calls = []
 
     def peer(name):
@@ -146,7 +147,7 @@ def test_peers_take_turns_and_share_the_repeats():
     }
     settings = bench.Settings(repeats=4, min_repeats=1, warmup=0, budget_s=5.0, rounds=3)
     times = bench.measure.time_in_turn(prepared, settings)
-    assert calls == ["a", "a", "b", "b", "b", "a", "a", "b"]
+    assert calls == ["slow", "a", "a", "b", "b", "b", "a", "a", "b"]
     assert len(times["a"]) == len(times["b"]) == 4
     assert isinstance(times["bad"], RuntimeError)
-    assert times["slow"] == [9.0]
+    assert len(times["slow"]) == 1 and times["slow"][0] < 1.0
