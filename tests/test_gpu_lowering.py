@@ -113,3 +113,20 @@ def test_cuda_half_precision_starts_round_explicitly():
 
     text = jax.export.export(jax.jit(pool), platforms=["cuda"])(x).mlir_module()
     assert text.count("stablehlo.reduce_precision") >= 4
+
+
+def test_cuda_16bit_tiling_average_keeps_one_reduction():
+    """On the CPU a 16-bit tiling average sums its taps in groups of strided slices (fast
+    there); GPUs keep one reduction of the widened input, which compiles in a fraction of the
+    time."""
+    x = jnp.ones((2, 64, 64, 3), jnp.bfloat16)
+
+    def pool(x):
+        return jaxconv.adaptive_avg_pool(x, (2, 2))
+
+    def slices(platform):
+        text = jax.export.export(jax.jit(pool), platforms=[platform])(x).mlir_module()
+        return text.count("stablehlo.slice ")
+
+    assert slices("cpu") > 32
+    assert slices("cuda") <= 2
