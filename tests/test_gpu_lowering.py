@@ -7,8 +7,12 @@ and fractional windows transpose into scatters of unique indices. Fractional win
 non-integer ``alpha`` gather tap by tap, a scatter of unique indices each, and keep one stacked
 gather per axis (colliding scatters) for the case where the samples' rounding repeats a start
 before the last window, checked at run time (see ``test_fractional.py``).
+
+Where GPUs take a form of their own (``lax.platform_dependent``), that form is also run here on
+the CPU against the CPU's.
 """
 
+import functools
 import math
 import re
 
@@ -130,3 +134,46 @@ def test_cuda_16bit_tiling_average_keeps_one_reduction():
 
     assert slices("cpu") > 32
     assert slices("cuda") <= 2
+
+
+def _tied(shape, dtype, seed):
+    """Few distinct values (ties), signed zeros, infinities and a few NaNs."""
+    rng = np.random.default_rng(seed)
+    values = np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, 1.0, np.inf], np.float32)
+    x = rng.choice(values, shape)
+    x[rng.random(shape) < 0.05] = np.nan
+    return jnp.asarray(x, dtype)
+
+
+@pytest.mark.parametrize("taps", [2, 4, 9])
+def test_gpu_joint_winners_equal_the_cpu_fold(taps):
+    """GPUs find the joint max winners as the first tap equal to a max (one fusion there); the
+    CPU folds a running winner. Both give PyTorch's tie rule: checked here on the CPU."""
+    from jaxconv._src import joint
+
+    parts = [_tied((64, 5), jnp.float32, seed) for seed in range(taps)]
+    kw = {"taps": list(range(taps)), "dtype": jnp.int8}
+    gpu, cpu = joint._first_equal(*parts, **kw), joint._running_winner(*parts, **kw)
+    nan = jnp.any(jnp.stack([jnp.isnan(p) for p in parts]), axis=0)
+    np.testing.assert_array_equal(np.where(nan, -1, gpu), np.where(nan, -1, cpu))
+    stacked = np.stack([np.asarray(p) for p in parts])
+    expected = np.argmax(stacked == np.max(stacked, axis=0), axis=0)
+    np.testing.assert_array_equal(np.where(nan, -1, cpu), np.where(nan, -1, expected))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_16bit_tiling_mean_equals_the_cpu_sums(dtype):
+    """The reduction GPUs keep for 16-bit tiling windows and the CPU's grouped per-axis sums
+    give the same means (both sum in float32 and round once)."""
+    from jaxconv._src import avg
+    from jaxconv._src.boxmap import tile_sum
+    from jaxconv._src.window import window_spec
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 96, 3)) * 100, dtype)
+    spec = window_spec("avg_pool", x.shape, (32, 48))
+    total = functools.partial(tile_sum, plans=spec.plans, matmul=False)
+    finish = functools.partial(avg.narrow, dtype=dtype, fuse=False)
+    gpu = avg._tiled_mean(x, total=total, div=32.0 * 48, spec=spec, finish=finish)
+    cpu = avg.window_mean(x, spec, 32.0 * 48, finish)
+    assert gpu.dtype == cpu.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(gpu, np.float32), np.asarray(cpu, np.float32))
