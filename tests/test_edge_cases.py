@@ -702,3 +702,50 @@ def test_half_max_padding_only_window_is_minus_inf(dtype):
     y = jax.jit(lambda v: op("max_pool")(v, (2,), 1, 1, dilation=2))(x)
     chex.assert_type(y, dtype)
     np.testing.assert_array_equal(np.asarray(y, np.float32).reshape(-1), [-np.inf])
+
+
+SIGNED_ZERO_POOLS = {
+    "max 2x2": (lambda v, **k: op("max_pool")(v, (2, 2), 2, **k), lambda t: F.max_pool2d(t, 2)),
+    "max 3x3 s2 p1": (
+        lambda v, **k: op("max_pool")(v, (3, 3), 2, 1, **k),
+        lambda t: F.max_pool2d(t, 3, 2, 1),
+    ),
+    "max 5x5 s2 p2": (
+        lambda v, **k: op("max_pool")(v, (5, 5), 2, 2, **k),
+        lambda t: F.max_pool2d(t, 5, 2, 2),
+    ),
+    "max 7x7 s7": (lambda v, **k: op("max_pool")(v, (7, 7), 7, **k), lambda t: F.max_pool2d(t, 7)),
+    "adaptive 14->5": (
+        lambda v, **k: op("adaptive_max_pool")(v, (5, 5), **k),
+        lambda t: F.adaptive_max_pool2d(t, (5, 5)),
+    ),
+    "adaptive 14->1": (
+        lambda v, **k: op("adaptive_max_pool")(v, (1, 1), **k),
+        lambda t: F.adaptive_max_pool2d(t, (1, 1)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SIGNED_ZERO_POOLS))
+@pytest.mark.parametrize(
+    ("dtype", "tdtype"),
+    [(jnp.float32, torch.float32), (jnp.float16, torch.float16), (jnp.bfloat16, torch.bfloat16)],
+)
+def test_max_of_negative_zero_is_negative_zero(name, dtype, tdtype):
+    """A window whose maximum is -0 (no +0 in it) gives -0, as PyTorch, with or without
+    indices and as the primal of a vjp (16-bit order keys once mapped -0 to +0)."""
+    pool, reference = SIGNED_ZERO_POOLS[name]
+    rng = np.random.default_rng(5)
+    values = np.array([-0.0, -1.0, -2.0, -np.inf], np.float32)
+    x = rng.choice(values, size=(2, 3, 14, 14), p=[0.03, 0.47, 0.4, 0.1])
+    expected = reference(torch.from_numpy(x).to(tdtype)).float().numpy()
+    assert (expected == 0).any()
+    want = np.signbit(expected)
+    v = jnp.asarray(x, dtype)
+    outs = {
+        "alone": pool(v, data_format="channels_first"),
+        "indices": pool(v, data_format="channels_first", return_indices=True)[0],
+        "vjp": jax.vjp(lambda u: pool(u, data_format="channels_first"), v)[0],
+    }
+    for how, y in outs.items():
+        np.testing.assert_array_equal(np.signbit(np.asarray(y, np.float32)), want, err_msg=how)

@@ -17,7 +17,7 @@ from jax import lax
 
 from jaxconv._src.cast import CONVERTED_TAPS, tap_groups
 from jaxconv._src.joint import joint_index, joint_max, joint_pick
-from jaxconv._src.order import from_key, is_narrow, lowest_key, order_key
+from jaxconv._src.order import from_key, is_narrow, lowest_key, order_key, tie_key
 from jaxconv._src.select import (
     joint_path,
     max_reduce,
@@ -103,7 +103,7 @@ def _narrow_max_jvp(plans, primals, tangents):
     x, aux = primals
     t = tangents[0].astype(jnp.float32)
     if joint_path(plans):  # the primal again through _narrow_max, for higher orders
-        _, offsets = joint_max(order_key(x), plans, fill=lowest_key(x.dtype))
+        _, offsets = joint_max(tie_key(order_key(x)), plans, fill=lowest_key(x.dtype))
         return _narrow_max(x, aux, plans), joint_pick(t, plans, offsets).astype(x.dtype)
     value, tangent = staged_max_jvp(x, aux, plans, tangents[0] if _disjoint(plans) else t)
     return value.astype(x.dtype), tangent.astype(x.dtype)

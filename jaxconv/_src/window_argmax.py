@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src.order import from_key, is_nan, is_narrow, lowest_key, order_key
+from jaxconv._src.order import from_key, is_nan, is_narrow, lowest_key, order_key, tie_key
 from jaxconv._src.window import AxisPlan, along, pad_axis
 
 
@@ -65,9 +65,11 @@ def later_wins(a, b):
 
 
 def key_wins(a, b):
-    """:func:`later_wins` on ``(int16 order key, position)``: every NaN has the top key."""
+    """:func:`later_wins` on ``(int16 order key, position)``: every NaN has the top key, and
+    the zeros tie (:func:`~jaxconv._src.order.tie_key`); the winner keeps its own key."""
     (ka, ia), (kb, ib) = a, b
-    b_wins = jnp.where(is_nan(ka) & is_nan(kb), ib > ia, (kb > ka) | ((kb == ka) & (ib < ia)))
+    ta, tb = tie_key(ka), tie_key(kb)
+    b_wins = jnp.where(is_nan(ka) & is_nan(kb), ib > ia, (tb > ta) | ((tb == ta) & (ib < ia)))
     return jnp.where(b_wins, kb, ka), jnp.where(b_wins, ib, ia)
 
 
