@@ -626,6 +626,42 @@ def test_half_max_indices_like_pytorch(shape, name, args, kwargs, dtype, tdtype)
     np.testing.assert_array_equal(np.asarray(g, np.float32), xt.grad.float().numpy())
 
 
+@pytest.mark.parametrize(
+    ("shape", "name", "args", "kwargs"),
+    [
+        ((2, 3, 9, 11), "max_pool2d", ((3, 3), 2, 1), {}),
+        ((2, 3, 10, 12), "max_pool2d", ((2, 2), 2), {}),
+        ((2, 3, 5, 6, 5), "max_pool3d", ((2, 2, 2), 2, 1), {"ceil_mode": True}),
+        ((2, 3, 9, 11), "max_pool2d", ((5, 4), 2, 2), {"ceil_mode": True}),
+        ((2, 3, 17), "max_pool1d", ((3,), 1, 1), {}),
+    ],
+)
+@pytest.mark.parametrize(
+    ("dtype", "tdtype"), [(jnp.float16, torch.float16), (jnp.bfloat16, torch.bfloat16)]
+)
+def test_half_max_subnormal_winners_like_pytorch(shape, name, args, kwargs, dtype, tdtype):
+    """Windows of at most 9 taps and ``reduce_window`` axes compare int16 order keys for the
+    indices and for the gradient too, so subnormal winners are PyTorch's there (float32
+    compares on CPU read subnormals as zero)."""
+    f = op("max_pool")
+
+    def pool(v):
+        return f(v, *args, **kwargs, return_indices=True, data_format="channels_first")
+
+    x = _half_specials(shape, dtype, len(shape) + len(args) + 7)
+    xt = torch.from_numpy(x).to(tdtype).requires_grad_(True)
+    yt, it = getattr(F, name)(xt, *args, **kwargs, return_indices=True)
+    cot = np.random.default_rng(2).integers(-3, 4, yt.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(cot).to(tdtype))
+    y, index = jax.jit(pool)(jnp.asarray(x, dtype))
+    g = jax.jit(jax.grad(lambda v: jnp.sum(pool(v)[0].astype(jnp.float32) * cot)))(
+        jnp.asarray(x, dtype)
+    )
+    np.testing.assert_array_equal(np.asarray(y, np.float32), yt.detach().float().numpy())
+    np.testing.assert_array_equal(np.asarray(index), it.numpy())
+    np.testing.assert_array_equal(np.asarray(g, np.float32), xt.grad.float().numpy())
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("return_indices", [False, True])
 def test_half_max_gradient_sums_overlaps_once(dtype, return_indices):

@@ -77,9 +77,10 @@ def _argmax_window(x, plan: AxisPlan):
     """Value and tap offset of the winner along one axis: one variadic ``reduce_window``.
 
     Padding reads as ``(-inf, largest position)``, so it never wins, not even against ``-inf``.
-    float16 and bfloat16 compare their order keys and return the value in float32: bfloat16
-    adaptive max 50 -> 7 on (32, 50, 50, 64) forward plus backward 1.85 against 2.57 ms with a
-    float32 copy of ``x`` (whose conversion alone took 1.3 ms).
+    float16 and bfloat16 compare their order keys (exact on subnormals) and keep their dtype, so
+    a next ``reduce_window`` stage compares keys too: bfloat16 adaptive max 50 -> 7 on
+    (32, 50, 50, 64) forward plus backward 1.85 against 2.57 ms with a float32 copy of ``x``
+    (whose conversion alone took 1.3 ms).
     """
     dtype = position_dtype(plan.size)
     position = lax.broadcasted_iota(dtype, x.shape, plan.axis)
@@ -88,7 +89,7 @@ def _argmax_window(x, plan: AxisPlan):
     if is_narrow(x.dtype):
         init = (lowest_key(x.dtype), last)
         key, where = lax.reduce_window((order_key(x), position), init, key_wins, **args)
-        value = from_key(key, x.dtype).astype(jnp.float32)
+        value = from_key(key, x.dtype)
     else:
         init = (jnp.asarray(-jnp.inf, x.dtype), last)
         value, where = lax.reduce_window((x, position), init, later_wins, **args)
@@ -108,7 +109,9 @@ def argmax_stage(x, plan: AxisPlan):
 def _argmax_stage_jvp(plan, primals, tangents):
     value, offset = argmax_stage(primals[0], plan)
     no_tangent = np.zeros(offset.shape, jax.dtypes.float0)
-    tangent = phase_pick(tangents[0].astype(value.dtype), plan, offset)  # 16-bit: float32
+    # 16-bit tangents are picked in float32: the transpose sums overlapping cotangents once
+    wide = jnp.float32 if is_narrow(value.dtype) else value.dtype
+    tangent = phase_pick(tangents[0].astype(wide), plan, offset).astype(value.dtype)
     return (value, offset), (tangent, no_tangent)
 
 
