@@ -38,6 +38,18 @@ class DisagreementError(AssertionError):
     """jaxconv and its oracle disagree on a draw."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Common:
+    """What every draw has: spatial rank, batch shape, channels, layout, dtype, data seed."""
+
+    n: int
+    batch: tuple
+    channels: int
+    data_format: str
+    dtype: str
+    seed: int
+
+
 @dataclasses.dataclass
 class Tally:
     op: str

@@ -10,7 +10,6 @@ Each draw is traced once (``jax.eval_shape``: errors are raised at trace time) a
 draw, so nothing is cached between draws.
 """
 
-import dataclasses
 import itertools
 import math
 import re
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fuzz_support import (
+    Common,
     DisagreementError,
     close,
     cotangent,
@@ -56,16 +56,6 @@ def _op(name):
 
 
 # --- Strategies ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Common:
-    n: int
-    batch: tuple
-    channels: int
-    data_format: str
-    dtype: str
-    seed: int
 
 
 @st.composite

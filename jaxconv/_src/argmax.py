@@ -42,16 +42,17 @@ from jaxconv._src.window_argmax import (
 def select_max(x, aux, plans, return_indices: bool):
     """The max over the plans' windows, and with ``return_indices`` the winners' flat indices.
 
-    float16 and bfloat16 values are the max of their int16 order keys (:mod:`jaxconv._src.order`),
-    and so are the winners and indices of :mod:`jaxconv._src.joint`'s windows (at most 9 taps),
-    the winners of ``reduce_window`` axes and the indices of other regular windows; other winners
-    and indices compare in float32 (converted inside XLA's loops where the windows are stacked),
-    where XLA's CPU code reads subnormals as zero. All are faster on CPU than XLA's loops over
-    16-bit floats; tangents are picked in float32 unless no two windows overlap (then exactly in
-    the 16-bit dtype). The joint windows' indices come from the keys apart from the value (which
-    keeps its own derivative): bfloat16 max 3x3 stride 2 padding 1 with indices on
+    float16 and bfloat16 values, winners and indices come from their int16 order keys
+    (:mod:`jaxconv._src.order`) on every path, exact on subnormals, which XLA's CPU code reads as
+    zero in float32 (a bfloat16 subnormal stays one in float32), and faster on CPU than XLA's
+    loops over 16-bit floats. Tangents are picked in float32 unless no two windows overlap (then
+    exactly in the 16-bit dtype). The joint windows' indices come from the keys apart from the
+    value (which keeps its own derivative): bfloat16 max 3x3 stride 2 padding 1 with indices on
     (32, 56, 56, 64) forward 2.2-3.3 against 3.2-5.4 ms for float32 winners, forward plus
-    backward 1.5-1.8 against 1.15-1.2 ms (two passes over ``x`` instead of one).
+    backward 1.5-1.8 against 1.15-1.2 ms (two passes over ``x`` instead of one). Fractional max
+    2x2 ratio 0.7 with indices on bfloat16 (32, 56, 56, 64), random samples: forward 17.5-18.8
+    ms folding keys against 31-34 ms folding a float32 copy, forward plus backward 15.3-16
+    against 24-27.6 ms.
     """
     if not return_indices and is_narrow(x.dtype):
         return _narrow_max(x, aux, plans)
@@ -60,10 +61,7 @@ def select_max(x, aux, plans, return_indices: bool):
     sizes = tuple(p.size for p in plans)
     if is_narrow(x.dtype) and joint_path(plans):
         return _narrow_max(x, aux, plans), _narrow_joint_index(lax.stop_gradient(x), plans, sizes)
-    keyed = all(isinstance(plan, AxisPlan) for plan in plans)
-    wide = x.astype(jnp.float32) if is_narrow(x.dtype) and not keyed else x
-    values, index = max_and_index(wide, aux, plans, sizes)
-    return values.astype(x.dtype), index
+    return max_and_index(x, aux, plans, sizes)
 
 
 def _narrow_joint_index(x, plans, sizes):
@@ -107,12 +105,12 @@ def _narrow_max_jvp(plans, primals, tangents):
     float32 winners: max 3x3 stride 2 padding 1 on (32, 112, 112, 64) 9-11 against 16 ms, on
     (32, 56, 56, 64) 1.9-2.5 against 3.3-3.4 ms; 2x2 stride 2 1.4-1.7 against 1.4 ms (exact on
     subnormals, which float32 flushes on CPU). Other paths take value and winners from
-    :func:`~jaxconv._src.select.staged_max_jvp`: a second pass for the value from the keys made
-    fractional and adaptive max 10-25% slower. Where no two windows overlap (:func:`_disjoint`)
-    each input element takes at most one output's tangent, so the staged picks run in the
-    16-bit dtype itself, exactly: bfloat16 adaptive max 224 -> 7 forward plus backward 23
-    against 26-28 ms, 3x3x3 stride 3 on (4, 18, 54, 54, 32) 6.1 against 11.2 ms. The joint
-    path keeps float32 (2x2 stride 2 took 35 against 1.3 ms in bfloat16)."""
+    :func:`~jaxconv._src.select.staged_max_jvp`, whose stages compare keys as well. Where no
+    two windows overlap (:func:`_disjoint`) each input element takes at most one output's
+    tangent, so the staged picks run in the 16-bit dtype itself, exactly: bfloat16 adaptive
+    max 224 -> 7 forward plus backward 23 against 26-28 ms, 3x3x3 stride 3 on
+    (4, 18, 54, 54, 32) 6.1 against 11.2 ms. The joint path keeps float32 (2x2 stride 2 took
+    35 against 1.3 ms in bfloat16)."""
     x, aux = primals
     t = tangents[0].astype(jnp.float32)
     if joint_path(plans):  # the primal again through _narrow_max, for higher orders
@@ -233,7 +231,10 @@ def _max_and_index_folded_jvp(plans, sizes, primals, tangents):
     value, stages, finals = max_stages(x, aux, plans)
     index = flat_index(finals, aux, plans, sizes)
     no_tangent = np.zeros(index.shape, jax.dtypes.float0)
-    return (value, index), (pick(t, aux, plans, stages), no_tangent)
+    # 16-bit tangents are picked in float32: overlapping cotangents are summed once
+    wide = jnp.float32 if is_narrow(t.dtype) else t.dtype
+    tangent = pick(t.astype(wide), aux, plans, stages)
+    return (value, index), (tangent.astype(t.dtype), no_tangent)
 
 
 def flat_index(finals, aux, plans, sizes):

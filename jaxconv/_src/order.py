@@ -36,6 +36,15 @@ def order_key(x: jax.Array) -> jax.Array:
     return jnp.where(magnitude > jnp.int16(inf_bits), jnp.int16(_MAGNITUDE), key)
 
 
+def signed_key(x: jax.Array) -> jax.Array:
+    """:func:`order_key` without its NaN rule, for callers that detect NaN themselves: a
+    negative NaN keys below every number. Three integer operations instead of five (bfloat16
+    adaptive max 224 -> 7 forward plus backward on (32, 224, 224, 64): 28-31 ms, as with
+    float32 compares, against 37-40 ms with :func:`order_key`). :func:`from_key` inverts it."""
+    bits = lax.bitcast_convert_type(x, jnp.int16)
+    return bits ^ ((bits >> 15) & jnp.int16(_MAGNITUDE))
+
+
 def from_key(key: jax.Array, dtype) -> jax.Array:
     """The 16-bit floats of ``dtype`` whose :func:`order_key` is ``key``."""
     bits = jnp.where(key < 0, ~key | jnp.int16(-(2**15)), key)
