@@ -356,3 +356,37 @@ def test_subnormal_and_zero_maxima_on_every_path(path, dtype):
     c = Common(len(spatial), (2,), 3, "channels_last", dtype, 7)
     fn, torch_fn = make(jnp.dtype(dtype))
     run_both(fn, torch_fn, c, subnormal_windows(c, spatial))
+
+
+def _graham():
+    def fn(x, return_indices):
+        return jaxconv.fractional_max_pool_graham(
+            x, output_ratio=(0.7, 0.7), key=jax.random.key(0), return_indices=return_indices
+        )
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("return_indices", [False, True])
+@pytest.mark.parametrize("path", [*PATHS, "graham"])
+def test_second_derivatives_on_every_path(path, return_indices, dtype):
+    """The 16-bit keys carry no derivative, so each path's rule differentiates its primal
+    again: the Hessian-vector product of ``sum(y**2)`` is float32's on the same values."""
+    spatial = (12, 12) if path == "graham" else PATHS[path][0]
+    fn = _graham() if path == "graham" else PATHS[path][1](jnp.dtype(dtype))[0]
+    shape = (2, *spatial, 3)  # the batch and channels of the fractional samples
+    x = np.random.default_rng(5).permutation(int(np.prod(shape))).reshape(shape) / 8.0
+
+    def loss(v):
+        y = fn(v, return_indices)
+        y = y[0] if return_indices else y
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    def hvp(v):
+        return jax.jvp(jax.grad(loss), (v,), (jnp.ones_like(v),))[1]
+
+    got = jax.jit(hvp)(jnp.asarray(x, dtype))
+    want = jax.jit(hvp)(jnp.asarray(x, dtype).astype(jnp.float32))
+    assert np.any(np.asarray(want) != 0)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want))

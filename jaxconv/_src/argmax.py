@@ -230,6 +230,8 @@ def _max_and_index_folded_jvp(plans, sizes, primals, tangents):
     t, _ = tangents
     value, stages, finals = max_stages(x, aux, plans)
     index = flat_index(finals, aux, plans, sizes)
+    if is_narrow(x.dtype):  # the order keys' bitcasts carry no derivative: the primal again
+        value, index = _max_and_index_folded(x, aux, plans, sizes)  # through this rule
     no_tangent = np.zeros(index.shape, jax.dtypes.float0)
     # 16-bit tangents are picked in float32: overlapping cotangents are summed once
     wide = jnp.float32 if is_narrow(t.dtype) else t.dtype

@@ -307,10 +307,31 @@ def _axis_stage(x, plan, a):
         return _stacked_argmax(x, a, plan)
     if use_reduce_window(plan):
         return argmax_stage(x, plan)
+    if is_narrow(x.dtype):
+        return _folded_argmax(x, a, plan)
+    value_taps = plan.taps(x, jnp.asarray(-jnp.inf, x.dtype), a)
+    value, offset, _ = _fold(value_taps, plan.valid(x.ndim), [()] * len(value_taps))
+    return value, offset
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _folded_argmax(x, a, plan):
+    """The tap fold of 16-bit ``x`` along one axis on its order keys, with a derivative (the
+    keys' bitcasts carry none): higher orders differentiate this rule again."""
     keys, fill = _as_keys(x)
     value_taps = plan.taps(keys, fill, a)
     value, offset, _ = _fold(value_taps, plan.valid(x.ndim), [()] * len(value_taps))
     return _from_keys(value, x.dtype), offset
+
+
+@_folded_argmax.defjvp
+def _folded_argmax_jvp(plan, primals, tangents):
+    x, a = primals
+    value, offset = _folded_argmax(x, a, plan)
+    no_tangent = np.zeros(offset.shape, jax.dtypes.float0)
+    # 16-bit tangents are picked in float32: the transpose sums overlapping cotangents once
+    t = tangents[0].astype(jnp.float32)
+    return (value, offset), (pick(t, (a,), (plan,), (offset,)).astype(x.dtype), no_tangent)
 
 
 def _axis_pick(t, plan, a, offset, last: bool):
