@@ -136,12 +136,12 @@ def test_cuda_16bit_tiling_average_keeps_one_reduction():
     assert slices("cuda") <= 2
 
 
-def _tied(shape, dtype, seed):
-    """Few distinct values (ties), signed zeros, infinities and a few NaNs."""
+def _tied(shape, dtype, seed, nan=0.05):
+    """Few distinct values (ties), signed zeros, infinities and a fraction ``nan`` of NaNs."""
     rng = np.random.default_rng(seed)
     values = np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, 1.0, np.inf], np.float32)
     x = rng.choice(values, shape)
-    x[rng.random(shape) < 0.05] = np.nan
+    x[rng.random(shape) < nan] = np.nan
     return jnp.asarray(x, dtype)
 
 
@@ -175,5 +175,68 @@ def test_gpu_16bit_tiling_mean_equals_the_cpu_sums(dtype):
     finish = functools.partial(avg.narrow, dtype=dtype, fuse=False)
     gpu = avg._tiled_mean(x, total=total, div=32.0 * 48, spec=spec, finish=finish)
     cpu = avg.window_mean(x, spec, 32.0 * 48, finish)
+    assert gpu.dtype == cpu.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(gpu, np.float32), np.asarray(cpu, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("k", [4, 32, 70])
+def test_gpu_16bit_stacked_winners_equal_the_cpu_keys(dtype, k):
+    """GPUs, which keep subnormals, reduce 16-bit stacked taps as they are; the CPU reduces
+    their order keys. Both give PyTorch's winner (the first maximum, or the last NaN) and its
+    value: checked here on the CPU (the GPU test run covers subnormals)."""
+    from jaxconv._src import select
+
+    x = _tied((k, 40, 3), dtype, k)
+    gpu = select._stacked_winner(x, 0, k, keyed=False)
+    cpu = select._stacked_winner(x, 0, k, keyed=True)
+    stacked = np.asarray(x, np.float32)
+    nan = np.isnan(stacked)
+    last_nan = k - 1 - np.argmax(nan[::-1], axis=0)
+    first_max = np.argmax(stacked == np.nanmax(np.where(nan, -np.inf, stacked), axis=0), axis=0)
+    expected = np.where(nan.any(axis=0), last_nan, first_max)
+    for value, offset in (gpu, cpu):
+        np.testing.assert_array_equal(offset, expected)
+        np.testing.assert_array_equal(
+            np.asarray(value, np.float32), np.take_along_axis(stacked, expected[None], 0)[0]
+        )
+
+
+_PLANS = {
+    "max 3x3 s2 p1": lambda shape: _window_plans(shape, (3, 3), 2, 1),
+    "max 2x2 s2": lambda shape: _window_plans(shape, (2, 2), 2, 0),
+    "max 5x5 s1 p2": lambda shape: _window_plans(shape, (5, 5), 1, 2),
+    "adaptive 12->5": lambda shape: _adaptive_plans(shape, (5, 5)),
+    "adaptive 12->2": lambda shape: _adaptive_plans(shape, (2, 2)),
+    "adaptive 12->1": lambda shape: _adaptive_plans(shape, (1, 1)),
+}
+
+
+def _window_plans(shape, window, stride, padding):
+    from jaxconv._src.window import window_spec
+
+    return window_spec("max_pool", shape, window, stride, padding).plans
+
+
+def _adaptive_plans(shape, output_size):
+    from jaxconv._src.adaptive import _as_regular, adaptive_plans
+
+    plans = adaptive_plans("adaptive_max_pool", shape, output_size, "channels_last")
+    return tuple(_as_regular(p) for p in plans)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", _PLANS)
+def test_gpu_16bit_max_values_equal_the_cpu_keys(name, dtype):
+    """Without winners GPUs reduce 16-bit ``x`` as it is, the CPU its order keys: the same
+    maxima (NaN where a window holds one), checked here on the CPU on values without
+    subnormals (the GPU test run covers those)."""
+    from jaxconv._src.argmax import _keyed_max
+    from jaxconv._src.select import max_values
+
+    x = _tied((3, 12, 12, 4), dtype, 7, nan=0.005)
+    plans = _PLANS[name](x.shape)
+    aux = (None,) * len(plans)
+    gpu, cpu = max_values(x, aux, plans), _keyed_max(x, aux, plans)
     assert gpu.dtype == cpu.dtype == dtype
     np.testing.assert_array_equal(np.asarray(gpu, np.float32), np.asarray(cpu, np.float32))

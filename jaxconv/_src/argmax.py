@@ -42,17 +42,17 @@ from jaxconv._src.window_argmax import (
 def select_max(x, aux, plans, return_indices: bool):
     """The max over the plans' windows, and with ``return_indices`` the winners' flat indices.
 
-    float16 and bfloat16 values, winners and indices come from their int16 order keys
+    On the CPU float16 and bfloat16 values, winners and indices come from their int16 order keys
     (:mod:`jaxconv._src.order`) on every path, exact on subnormals, which XLA's CPU code reads as
-    zero in float32 (a bfloat16 subnormal stays one in float32), and faster on CPU than XLA's
-    loops over 16-bit floats. Tangents are picked in float32 unless no two windows overlap (then
-    exactly in the 16-bit dtype). The joint windows' indices come from the keys apart from the
+    zero in float32 (a bfloat16 subnormal stays one in float32), and faster there than XLA's loops
+    over 16-bit floats. GPUs keep subnormals, and compare the 16-bit values as they are for the
+    value alone and in stacked stages. Tangents are picked in float32 unless no two windows overlap
+    (then exactly in the 16-bit dtype). The joint windows' indices come from the keys apart from the
     value (which keeps its own derivative): bfloat16 max 3x3 stride 2 padding 1 with indices on
-    (32, 56, 56, 64) forward 2.2-3.3 against 3.2-5.4 ms for float32 winners, forward plus
-    backward 1.5-1.8 against 1.15-1.2 ms (two passes over ``x`` instead of one). Fractional max
-    2x2 ratio 0.7 with indices on bfloat16 (32, 56, 56, 64), random samples: forward 17.5-18.8
-    ms folding keys against 31-34 ms folding a float32 copy, forward plus backward 15.3-16
-    against 24-27.6 ms.
+    (32, 56, 56, 64) forward 2.2-3.3 against 3.2-5.4 ms for float32 winners, forward plus backward
+    1.5-1.8 against 1.15-1.2 ms (two passes over ``x`` instead of one). Fractional max 2x2 ratio 0.7
+    with indices on bfloat16 (32, 56, 56, 64), random samples: forward 17.5-18.8 ms folding keys
+    against 31-34 ms folding a float32 copy, forward plus backward 15.3-16 against 24-27.6 ms.
     """
     if not return_indices and is_narrow(x.dtype):
         return _narrow_max(x, aux, plans)
@@ -73,6 +73,17 @@ def _narrow_joint_index(x, plans, sizes):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _narrow_max(x, aux, plans):
+    """The max of 16-bit ``x``: on the CPU from its order keys (:func:`_key_max`). GPUs do not
+    flush subnormals, so there ``x`` is reduced as it is: bfloat16 adaptive max 224 -> 7 on
+    (32, 224, 224, 64) forward took 0.21-0.26 ms on an H100 that way, against 0.84 ms on keys
+    (other cases of the benchmark measured the same either way)."""
+    keyed = functools.partial(_keyed_max, plans=plans)
+    plain = functools.partial(max_values, plans=plans)
+    return lax.platform_dependent(x, aux, cpu=keyed, default=plain)
+
+
+def _keyed_max(x, aux, plans):
+    """The max of 16-bit ``x`` over the windows, from the max of its order keys."""
     return from_key(_key_max(x, aux, plans), x.dtype)
 
 

@@ -93,7 +93,7 @@ def max_pool(
     Args:
       x: ``(*batch, *spatial, C)`` for channels_last or ``(*batch, C, *spatial)`` for
         channels_first; ``*batch`` may be empty or several axes. A floating dtype (float16 and
-        bfloat16 are compared exactly, as int16 order keys, subnormals included).
+        bfloat16 are compared exactly, subnormals included: on the CPU as int16 order keys).
       window: the window size per spatial axis, a sequence of ``n`` ints.
       stride: an int or ``n`` ints; ``None`` means ``window``.
       padding: an int, ``n`` ints, ``n`` ``(lo, hi)`` pairs, "VALID" or "SAME".
