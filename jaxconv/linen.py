@@ -32,6 +32,7 @@ from flax.linen.dtypes import promote_dtype
 
 import jaxconv
 from jaxconv._src import layers
+from jaxconv._src.args import check_bool
 
 __all__ = [
     "AdaptiveAvgPool",
@@ -60,6 +61,7 @@ def _conv_variables(module: nn.Module, x: jax.Array, *, transpose: bool):
         module.groups,
         module.data_format,
         transpose=transpose,
+        names=("the channel count of `x`", "`features`"),
     )
     init = module.kernel_init or layers.default_kernel_init(module.data_format, transpose=transpose)
     kernel = module.param("kernel", init, shape, module.param_dtype)
@@ -307,9 +309,9 @@ class FractionalMaxPool(nn.Module):
     def __call__(
         self, x: jax.Array, deterministic: bool | None = None
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        fname = "jaxconv.linen.FractionalMaxPool"
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if deterministic:
-            fname = "jaxconv.linen.FractionalMaxPool"
+        if check_bool(fname, "deterministic", deterministic):
             source = {
                 "samples": layers.deterministic_samples(fname, x, self.window, self.data_format)
             }

@@ -31,6 +31,7 @@ from flax.nnx.nn.dtypes import promote_dtype
 
 import jaxconv
 from jaxconv._src import layers
+from jaxconv._src.args import check_bool
 
 __all__ = [
     "AdaptiveAvgPool",
@@ -67,11 +68,16 @@ class _ConvBase(nnx.Module):
         init = opts["kernel_init"] or layers.default_kernel_init(
             data_format, transpose=self._transpose
         )
-        rngs, param_dtype = opts["rngs"], opts["param_dtype"]
-        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
+        if not isinstance(opts["rngs"], nnx.Rngs):
+            raise TypeError(
+                f"{fname}: `rngs` must be an nnx.Rngs (its `params` stream initialises the "
+                f"kernel and bias), got {type(opts['rngs']).__name__}."
+            )
+        stream, param_dtype = _rng_stream(fname, opts["rngs"], "params"), opts["param_dtype"]
+        self.kernel = nnx.Param(init(stream(), shape, param_dtype))
         self.bias = nnx.data(None)
         if opts["use_bias"]:
-            self.bias = nnx.Param(opts["bias_init"](rngs.params(), (out_features,), param_dtype))
+            self.bias = nnx.Param(opts["bias_init"](stream(), (out_features,), param_dtype))
         self.dtype = opts["dtype"]
 
     def _variables(self, x):
@@ -381,8 +387,10 @@ class FractionalMaxPool(nnx.Module):
     ):
         self.window, self.output_size, self.output_ratio = window, output_size, output_ratio
         self.return_indices, self.data_format = return_indices, data_format
-        self.deterministic, self.rng_collection = deterministic, rng_collection
-        self.rngs = nnx.data(_stream(rngs, rng_collection))
+        fname = "jaxconv.nnx.FractionalMaxPool"
+        self.deterministic = check_bool(fname, "deterministic", deterministic)
+        self.rng_collection = rng_collection
+        self.rngs = nnx.data(_stream(fname, rngs, rng_collection))
 
     def __call__(
         self,
@@ -393,7 +401,7 @@ class FractionalMaxPool(nnx.Module):
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         fname = "jaxconv.nnx.FractionalMaxPool"
         deterministic = self.deterministic if deterministic is None else deterministic
-        if deterministic:
+        if check_bool(fname, "deterministic", deterministic):
             source = {
                 "samples": layers.deterministic_samples(fname, x, self.window, self.data_format)
             }
@@ -410,17 +418,27 @@ class FractionalMaxPool(nnx.Module):
         )
 
 
-def _stream(rngs, collection: str):
+def _rng_stream(fname: str, rngs: nnx.Rngs, name: str) -> nnx.RngStream:
+    """``rngs[name]`` (Flax falls back to the ``default`` stream), or a ValueError."""
+    try:
+        return rngs[name]
+    except KeyError:
+        raise ValueError(
+            f"{fname}: `rngs` must have a `{name}` stream (or a default one), got an nnx.Rngs "
+            "without either."
+        ) from None
+
+
+def _stream(fname: str, rngs, collection: str):
     """The stream a module keeps: a fork of ``rngs[collection]`` (or of the given stream)."""
     if rngs is None:
         return None
     if isinstance(rngs, nnx.Rngs):
-        return rngs[collection].fork()
+        return _rng_stream(fname, rngs, collection).fork()
     if isinstance(rngs, nnx.RngStream):
         return rngs.fork()
     raise TypeError(
-        "jaxconv.nnx.FractionalMaxPool: `rngs` must be an nnx.Rngs, an nnx.RngStream or None, "
-        f"got {type(rngs).__name__}."
+        f"{fname}: `rngs` must be an nnx.Rngs, an nnx.RngStream or None, got {type(rngs).__name__}."
     )
 
 
@@ -433,7 +451,7 @@ def _draw_key(fname: str, given, kept, collection: str) -> jax.Array:
             "deterministic=True; got neither."
         )
     if isinstance(source, nnx.Rngs):
-        return source[collection]()
+        return _rng_stream(fname, source, collection)()
     if isinstance(source, nnx.RngStream):
         return source()
     if isinstance(source, jax.Array):

@@ -156,6 +156,11 @@ CASES = [
     case("max_pool", "stride", X, (2, 2), stride=(1, "1"), id="max-stride-str"),
     case("max_pool", "stride", X, (2, 2), stride=(1, 1, 1), id="max-stride-len"),
     case("max_pool", "data_format", X, (2, 2), data_format="NCHW", id="max-data-format"),
+    case("max_pool", "x", None, (2, 2), n_arrays=0, id="max-x-none"),
+    case("avg_pool", "x", "abc", (2, 2), n_arrays=0, id="avg-x-str"),
+    case("conv", "w", X, None, id="conv-w-none"),
+    case("max_unpool", "indices", X, "i", (2, 2), id="unpool-indices-str"),
+    case("adaptive_max_pool", "x", [[1.0], [1.0, 2.0]], (1,), n_arrays=0, id="adaptive-ragged"),
     # avg_pool
     case("avg_pool", "padding", X, (2, 2), padding=2, id="avg-padding-half"),
     case("avg_pool", "padding", X, (3, 3), padding=(1, 2), id="avg-padding-axis"),
@@ -311,6 +316,38 @@ def test_bad_input_eager(name, arg, args, kwargs, traced):
 def test_bad_input_at_trace_time(name, arg, args, kwargs, traced):
     """The same errors under jax.jit (cases with no array argument cannot be traced)."""
     _check_error(_run(name, args, kwargs, traced, jit=True), name, arg)
+
+
+BIG = jax.ShapeDtypeStruct((1, 50000, 50000, 1), jnp.float32)  # 2.5e9 > 2**31 - 1 positions
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("max_pool", lambda x: jaxconv.max_pool(x, (2, 2), return_indices=True)),
+        ("adaptive_max_pool", lambda x: jaxconv.adaptive_max_pool(x, (2, 2), return_indices=True)),
+        (
+            "fractional_max_pool",
+            lambda x: jaxconv.fractional_max_pool(
+                x, (2, 2), output_size=(3, 3), key=jax.random.key(0), return_indices=True
+            ),
+        ),
+        (
+            "fractional_max_pool_graham",
+            lambda x: jaxconv.fractional_max_pool_graham(
+                x, output_size=(3, 3), key=jax.random.key(0), return_indices=True
+            ),
+        ),
+    ],
+)
+def test_int32_indices_need_a_volume_that_fits(name, call):
+    """Indices are int32 flat positions: a larger spatial volume raises instead of wrapping."""
+    with pytest.raises(ValueError, match=rf"^{name}: `return_indices=True` needs a spatial volume"):
+        jax.eval_shape(call, BIG)
+
+
+def test_without_indices_a_large_volume_is_fine():
+    assert jax.eval_shape(lambda x: jaxconv.adaptive_max_pool(x, (2, 2)), BIG).shape == (1, 2, 2, 1)
 
 
 def test_catalogue_size():

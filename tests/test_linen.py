@@ -141,6 +141,9 @@ def test_conv_dtypes():
         (jcl.Conv(4, (3, 3), groups=3), (1, 6, 6, 2), ValueError, ["groups", "3"]),
         (jcl.ConvTranspose(4, (3, 3)), (6, 2), ValueError, ["ConvTranspose", "`x`", "2 axes"]),
         (jcl.Conv(4, (3, 3), data_format="NHWC"), (1, 6, 6, 2), ValueError, ["data_format"]),
+        (jcl.Conv(0, (3, 3)), (1, 6, 6, 2), ValueError, ["jaxconv.linen.Conv", "`features`", "0"]),
+        (jcl.Conv(4, (3, 3)), (1, 6, 6, 0), ValueError, ["Conv", "channel count of `x`", "0"]),
+        (jcl.ConvTranspose(4, (3, 3), groups=3), (1, 6, 6, 6), ValueError, ["`features` (4)"]),
     ],
 )
 def test_conv_bad_configuration_is_named(layer, shape, error, words):
@@ -290,6 +293,8 @@ def test_fractional_rng_stream_and_deterministic_flag():
     chex.assert_trees_all_equal(fixed, want)
     with pytest.raises(flax.errors.InvalidRngError, match="fractional"):
         layer.apply({}, x, deterministic=False)
+    with pytest.raises(TypeError, match=r"jaxconv.linen.FractionalMaxPool: `deterministic`"):
+        layer.apply({}, x, deterministic="yes")
 
 
 def test_fractional_rng_collection_name_and_constructor_flag():

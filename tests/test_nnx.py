@@ -3,6 +3,7 @@
 Each module is run under ``nnx.jit``.
 """
 
+import re
 import zlib
 
 import chex
@@ -82,6 +83,19 @@ def test_conv_bad_kernel_size_is_named():
         jcn.Conv(3, 4, 3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"jaxconv.nnx.ConvTranspose.*groups"):
         jcn.ConvTranspose(3, 4, (3, 3), groups=2, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    ("rngs", "error", "words"),
+    [
+        (None, TypeError, "`rngs` must be an nnx.Rngs"),
+        (jax.random.key(0), TypeError, "got PRNGKeyArray"),
+        (nnx.Rngs(other=0), ValueError, "`rngs` must have a `params` stream"),
+    ],
+)
+def test_conv_bad_rngs_are_named(rngs, error, words):
+    with pytest.raises(error, match=rf"jaxconv.nnx.Conv: .*{re.escape(words)}"):
+        jcn.Conv(4, 2, (3, 3), rngs=rngs)
 
 
 # (module, the function call it must equal) for every pooling module.
@@ -184,6 +198,12 @@ def test_fractional_eval_mode_is_deterministic_and_needs_no_rngs():
     layer = jcn.FractionalMaxPool((3, 3), output_ratio=0.75, data_format=CF)
     with pytest.raises(ValueError, match=r"jaxconv.nnx.FractionalMaxPool.*rngs"):
         layer(x)
+    with pytest.raises(ValueError, match=r"FractionalMaxPool: `rngs` must have a `fractional`"):
+        layer(x, rngs=nnx.Rngs(params=0))
+    with pytest.raises(TypeError, match=r"jaxconv.nnx.FractionalMaxPool: `deterministic`"):
+        layer(x, deterministic=1)
+    with pytest.raises(TypeError, match=r"jaxconv.nnx.FractionalMaxPool: `deterministic`"):
+        jcn.FractionalMaxPool((3, 3), output_ratio=0.75, deterministic="yes")
     model = nnx.Sequential(layer)
     model.eval()
     out = _call(model, x)

@@ -225,6 +225,16 @@ def test_out_of_range_indices_are_dropped():
     np.testing.assert_array_equal(out, [[[1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]])
 
 
+def test_wide_indices_out_of_the_int32_range_are_dropped():
+    """Tiling windows check int64 indices before narrowing them: 2**32 + i must not wrap to i."""
+    x = jnp.arange(1.0, 17.0).reshape(1, 4, 4, 1)
+    y, i = jaxconv.max_pool(x, (2, 2), return_indices=True)
+    unpool = jax.jit(lambda y, i: jaxconv.max_unpool(y, i, (2, 2)))
+    np.testing.assert_array_equal(unpool(y, i.astype(jnp.int64) + 2**32), jnp.zeros_like(x))
+    np.testing.assert_array_equal(unpool(y, i.astype(jnp.uint32) + 2**31), jnp.zeros_like(x))
+    np.testing.assert_array_equal(unpool(y, i.astype(jnp.int64)), unpool(y, i))
+
+
 def test_vmap_jvp_and_no_batch_axis():
     x = jax.random.normal(jax.random.key(2), (2, 3, 6, 4, 5))
     y, i = jaxconv.max_pool(x, (2, 2), return_indices=True)

@@ -38,7 +38,14 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxconv._src.argmax import select_max
-from jaxconv._src.args import check_bool, check_floating, is_int, layout_axes, spatial_rank
+from jaxconv._src.args import (
+    check_bool,
+    check_floating,
+    check_index_volume,
+    is_int,
+    layout_axes,
+    spatial_rank,
+)
 from jaxconv._src.avg import window_mean
 from jaxconv._src.boxmap import compute_dtype, safe_mean, tile_sum
 from jaxconv._src.window import AxisPlan, WindowSpec, along
@@ -287,4 +294,5 @@ def adaptive_max_pool(
     x = check_floating(fname, "x", x)
     return_indices = check_bool(fname, "return_indices", return_indices)
     plans = tuple(_as_regular(p) for p in adaptive_plans(fname, x.shape, output_size, data_format))
+    check_index_volume(fname, tuple(p.size for p in plans), return_indices)
     return select_max(x, (None,) * len(plans), plans, return_indices)

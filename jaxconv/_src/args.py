@@ -4,6 +4,7 @@ Every public function turns its static arguments into per-axis tuples here, once
 message names the public function, the argument, what it got and what it expected.
 """
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 DATA_FORMATS = ("channels_last", "channels_first")
+INT32_MAX = 2**31 - 1
 
 
 def is_int(value) -> bool:
@@ -85,15 +87,36 @@ def layout_axes(fname: str, ndim: int, n: int, data_format: str) -> tuple[tuple[
     return tuple(range(ndim - n, ndim)), ndim - n - 1
 
 
+def as_array(fname: str, name: str, x) -> jnp.ndarray:
+    """``x`` (an array or anything ``jnp.asarray`` takes) as a JAX array."""
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as err:
+        shown = repr(x) if len(repr(x)) <= 60 else repr(x)[:57] + "..."
+        raise TypeError(
+            f"{fname}: `{name}` must be an array (or a nested sequence of numbers), got {shown} "
+            f"of type {type(x).__name__}."
+        ) from err
+
+
 def check_floating(fname: str, name: str, x) -> jnp.ndarray:
     """``x`` as a JAX array of a floating dtype."""
-    x = jnp.asarray(x)
+    x = as_array(fname, name, x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"{fname}: `{name}` must be a floating-point array (float16, bfloat16, float32 or "
             f"float64), got dtype {x.dtype}."
         )
     return x
+
+
+def check_index_volume(fname: str, sizes: tuple[int, ...], return_indices: bool) -> None:
+    """Indices are int32 flat positions: with ``return_indices`` the spatial volume must fit."""
+    if return_indices and math.prod(sizes) > INT32_MAX:
+        raise ValueError(
+            f"{fname}: `return_indices=True` needs a spatial volume of at most {INT32_MAX} "
+            f"elements (int32 indices), got spatial sizes {tuple(sizes)}."
+        )
 
 
 def check_bool(fname: str, name: str, value) -> bool:

@@ -49,7 +49,14 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxconv._src.argmax import select_max
-from jaxconv._src.args import check_bool, check_floating, layout_axes, per_axis, spatial_rank
+from jaxconv._src.args import (
+    check_bool,
+    check_floating,
+    check_index_volume,
+    layout_axes,
+    per_axis,
+    spatial_rank,
+)
 from jaxconv._src.fractional_plan import FractionalPlan, band_holds
 from jaxconv._src.window import AxisPlan
 
@@ -287,6 +294,7 @@ def fractional_max_pool(
     axes, channel_axis, sizes = layout_sizes(fname, x, n, data_format)
     outs = output_sizes(fname, sizes, output_size, output_ratio)
     check_fits(fname, sizes, outs, kernel)
+    check_index_volume(fname, sizes, return_indices)
     lead = x.shape[: min(axes[0], channel_axis)]
     u = lax.stop_gradient(_samples(fname, x, key, samples, n, lead, x.shape[channel_axis]))
     plans, aux, starts = [], [], []

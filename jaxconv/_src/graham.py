@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxconv._src.args import check_bool, check_floating, spatial_rank
+from jaxconv._src.args import check_bool, check_floating, check_index_volume, spatial_rank
 from jaxconv._src.fractional import (
     check_fits,
     check_key,
@@ -152,6 +152,7 @@ def fractional_max_pool_graham(
     axes, _, sizes = layout_sizes(fname, x, n, data_format)
     outs = output_sizes(fname, sizes, output_size, output_ratio)
     check_fits(fname, sizes, outs, (1,) * n)
+    check_index_volume(fname, sizes, return_indices)
     bounds = graham_bounds(check_key(fname, key), sizes, outs, pseudo_random)
     plans, aux = [], []
     for axis, size, out, b in zip(axes, sizes, outs, bounds, strict=True):

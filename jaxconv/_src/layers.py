@@ -26,25 +26,27 @@ def kernel_shape(
     data_format: str,
     *,
     transpose: bool,
+    names: tuple[str, str] = ("`in_features`", "`out_features`"),
 ) -> tuple[int, ...]:
     """The weight shape ``jaxconv.conv`` / ``jaxconv.conv_transpose`` expect for a layer.
 
     ``conv``: ``(*k, in // groups, out)`` channels_last, ``(out, in // groups, *k)`` channels_first.
     ``conv_transpose`` uses the weight of the convolution it is the adjoint of (that convolution
     maps ``out`` features to ``in``): ``(*k, out // groups, in)`` / ``(in, out // groups, *k)``.
+    ``names`` are what error messages call the two feature counts.
     """
     spatial_rank(fname, "kernel_size", kernel_size)
     kernel = tuple(kernel_size)
     if not all(is_int(k) and k >= 1 for k in kernel):
         raise ValueError(f"{fname}: `kernel_size` must contain ints >= 1, got {kernel_size!r}.")
     check_data_format(fname, data_format)
-    for name, value in (("in_features", in_features), ("out_features", out_features)):
+    for name, value in zip(names, (in_features, out_features), strict=True):
         if not is_int(value) or value < 1:
-            raise ValueError(f"{fname}: `{name}` must be an int >= 1, got {value!r}.")
+            raise ValueError(f"{fname}: {name} must be an int >= 1, got {value!r}.")
     if not is_int(groups) or groups < 1 or in_features % groups or out_features % groups:
         raise ValueError(
-            f"{fname}: `groups` must be an int >= 1 dividing in_features={in_features} and "
-            f"out_features={out_features}, got {groups!r}."
+            f"{fname}: `groups` must be an int >= 1 dividing {names[0]} ({in_features}) and "
+            f"{names[1]} ({out_features}), got {groups!r}."
         )
     conv_in, conv_out = (out_features, in_features) if transpose else (in_features, out_features)
     if data_format == "channels_last":

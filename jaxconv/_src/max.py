@@ -51,7 +51,6 @@ vary by 2-5x between runs, the ratios less): (32, 56, 56, 64) 3x3 s2 p1 forward+
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -59,11 +58,10 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxconv._src.argmax import select_max
-from jaxconv._src.args import check_bool, check_floating
+from jaxconv._src.args import check_bool, check_floating, check_index_volume
 from jaxconv._src.window import tap_valid, window_spec
 
 _FNAME = "max_pool"
-_INT32_MAX = 2**31 - 1
 
 
 def max_pool(
@@ -129,12 +127,7 @@ def max_pool(
     aux = (None,) * spec.n
     if not return_indices:
         return select_max(x, aux, spec.plans, False)
-    sizes = tuple(p.size for p in spec.plans)
-    if math.prod(sizes) > _INT32_MAX:
-        raise ValueError(
-            f"{_FNAME}: `return_indices=True` needs a spatial volume of at most {_INT32_MAX} "
-            f"elements (int32 indices), got spatial sizes {sizes}."
-        )
+    check_index_volume(_FNAME, tuple(p.size for p in spec.plans), True)
     values, index = select_max(x, aux, spec.plans, True)
     return values, _mark_padding_only(index, spec.plans)
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxconv._src.args import check_floating, is_int, layout_axes, per_axis, spatial_rank
+from jaxconv._src.args import as_array, check_floating, is_int, layout_axes, per_axis, spatial_rank
 from jaxconv._src.arithmetic import resolve_padding
 from jaxconv._src.boxmap import window_shapes
 
@@ -38,7 +38,7 @@ _INT32_MAX = 2**31 - 1
 
 
 def _check_indices(x: jax.Array, indices) -> jax.Array:
-    indices = jnp.asarray(indices)
+    indices = as_array(_FNAME, "indices", indices)
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise TypeError(
             f"{_FNAME}: `indices` must be an integer array (as returned by max_pool with "
@@ -288,8 +288,11 @@ def _unpool(x, indices, g: _Geometry) -> jax.Array:
         return _unpool_scatter(x, indices, g.axes, g.channel_axis, g.sizes)
     # The broadcast runs inside the branch, which writes the result in place (computed outside
     # and passed in, it was copied: max_unpool 2x2 on (32, 28, 28, 64) 3.0 ms against 1.5 ms).
+    local = _all_local(indices, g.axes, g.kernel, g.pads, g.sizes)
+    if jnp.iinfo(indices.dtype).max > _INT32_MAX:  # checked before int32 could wrap an index
+        local = local & jnp.all((indices >= 0) & (indices < math.prod(g.sizes)))
     return lax.cond(
-        _all_local(indices, g.axes, g.kernel, g.pads, g.sizes),
+        local,
         lambda x, indices: _local_unpool(x, indices, g.axes, g.kernel, g.pads, g.sizes),
         lambda x, indices: _unpool_scatter(x, indices, g.axes, g.channel_axis, g.sizes),
         x,
