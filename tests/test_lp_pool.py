@@ -204,6 +204,46 @@ def test_all_zero_windows_give_zero_value_and_gradient(p):
     np.testing.assert_array_equal(gx, jnp.zeros_like(x).at[0, 0, 0, 0].set(1.0))
 
 
+def test_second_derivatives_are_finite_at_all_zero_windows():
+    """Zero windows (common after a ReLU): grad of grad and the Hessian in p stay finite and
+    equal the derivatives without those windows."""
+    x = jnp.array([1.0, 2.0, 0.0, 0.0]).reshape(1, 4, 1)
+
+    def penalty(s, x):
+        return jnp.sum(jax.grad(lambda v: jnp.sum(jaxconv.lp_pool(v * s, 2.0, (2,))))(x) ** 2)
+
+    # the gradient of a norm is scale-free, so penalty(s) = s**2 * penalty(1)
+    np.testing.assert_allclose(jax.grad(penalty)(1.0, x), 2 * penalty(1.0, x), rtol=1e-6)
+    hessian_p = jax.hessian(lambda p, x: jnp.sum(jaxconv.lp_pool(x, p, (2,))))
+    np.testing.assert_allclose(hessian_p(2.0, x), hessian_p(2.0, x[:, :2]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("window", "padding"), [((2,), 1), ((5, 6), (2, 3))])
+def test_check_grads_order_2_for_p_between_1_and_2(window, padding):
+    """(|x|/y)^(p-1) has an infinite derivative at 0 for p < 2: the zero fill and padding of
+    the gradient's windows must not turn second derivatives into NaN."""
+    shape = (1, 3, 1) if len(window) == 1 else (1, 8, 9, 1)
+    x = jnp.asarray(np.random.default_rng(10).uniform(0.5, 1.5, shape))
+    check_grads(jax.jit(_lp(1.5, window, 1, padding)), (x,), 2, modes=["rev"])
+    f = jax.jit(lambda x, p: jaxconv.lp_pool(x, p, window, 1, padding))
+    check_grads(f, (x, jnp.float64(1.3)), 2, modes=["rev"])
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0, 1.5, 8.0, "traced"])
+def test_huge_values_keep_their_norm_and_gradient(p):
+    """Norms above 2^126 in float32, whose inverse is subnormal (read as zero on CPU)."""
+    x64 = np.array([1e38, -2e37, 3e37, 3.0, 0.5, -1e-3])
+    q = 2.5 if p == "traced" else p
+    y64 = np.sum(np.abs(x64.reshape(2, 3)) ** q, axis=1) ** (1 / q)
+    g64 = np.sign(x64) * (np.abs(x64) / np.repeat(y64, 3)) ** (q - 1)
+    p_arg = jnp.float32(q) if p == "traced" else p
+    f = jax.jit(lambda x, p: jaxconv.lp_pool(x, p, (3,)))
+    x = jnp.asarray(x64, jnp.float32).reshape(1, 6, 1)
+    np.testing.assert_allclose(f(x, p_arg).ravel(), y64, rtol=1e-5)
+    g = jax.grad(lambda x: jnp.sum(f(x, p_arg)))(x)
+    np.testing.assert_allclose(g.ravel(), g64, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_half_precision_does_not_overflow(dtype):
     x = jnp.full((1, 2, 2, 1), 300, dtype)
