@@ -294,10 +294,10 @@ def test_lp_nan_and_inf():
     """NaN propagates; an inf in a window gives inf (the norm is infinite); elsewhere finite."""
     x = np.ones((1, 4, 4, 1), np.float32)
     x[0, 0, 0, 0], x[0, 3, 3, 0] = np.nan, -np.inf  # windows (0, 0) and (1, 1)
-    for p in (1.0, 2.0, 3.5, math.inf):
+    for p in (1.0, 2.0, 3.5, 64.0, math.inf, jnp.float32(2.5)):
         y = np.asarray(jax.jit(lambda x, p=p: op("lp_pool")(x, p, (2, 2)))(jnp.asarray(x)))
         assert np.isnan(y[0, 0, 0, 0]) and y[0, 1, 1, 0] == np.inf, (p, y)
-        np.testing.assert_allclose(y[0, [0, 1], [1, 0], 0], 4 ** (1 / p), rtol=1e-6)
+        np.testing.assert_allclose(y[0, [0, 1], [1, 0], 0], 4 ** (1 / float(p)), rtol=1e-6)
 
 
 # --- magnitudes ---------------------------------------------------------------------------------

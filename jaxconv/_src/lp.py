@@ -57,15 +57,15 @@ _FNAME = "lp_pool"
 def _power(r, p):
     """``r ** p`` for ``r >= 0``; integer powers of a static ``p`` as multiplications.
 
-    Other powers give 0 at ``r = 0`` through a guarded base, so that no derivative of any
-    order is NaN there (``d/dr r^p`` is infinite at 0 for ``p < 1``, ``d/dp 0^p`` is
-    ``0 * log 0``); callers multiply the ``p = 0`` case (traced ``p - 1`` at ``p = 1``) by
-    ``sign(0) = 0``.
+    Other powers give 0 at ``r = 0`` (NaN stays NaN) through a guarded base, so that no
+    derivative of any order is NaN there (``d/dr r^p`` is infinite at 0 for ``p < 1``,
+    ``d/dp 0^p`` is ``0 * log 0``); callers multiply the ``p = 0`` case (traced ``p - 1`` at
+    ``p = 1``) by ``sign(0) = 0``.
     """
     if isinstance(p, float) and p.is_integer() and p <= 1024:
         return lax.integer_pow(r, int(p)) if p > 0 else jnp.ones_like(r)
     positive = r > 0
-    return jnp.where(positive, jnp.power(jnp.where(positive, r, 1), p), 0)
+    return jnp.where(positive, jnp.power(jnp.where(positive, r, 1), p), jnp.where(r == 0, 0, r))
 
 
 def _root(s, p):
@@ -121,7 +121,7 @@ def _norm_of(parts, p):
     # An all-zero window (s = 0) gives 0 through a guarded root: the root's derivative is
     # infinite at 0, which made second derivatives NaN. A window holding +-inf has an infinite
     # norm (inf/inf would give NaN).
-    nonzero = s > 0
+    nonzero = s != 0  # NaN propagates
     y = jnp.where(nonzero, m * _root(jnp.where(nonzero, s, 1), p), 0)
     return jnp.where(jnp.isinf(m), m, y)
 
