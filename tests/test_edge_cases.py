@@ -785,3 +785,32 @@ def test_max_of_negative_zero_is_negative_zero(name, dtype, tdtype):
     }
     for how, y in outs.items():
         np.testing.assert_array_equal(np.signbit(np.asarray(y, np.float32)), want, err_msg=how)
+
+
+def test_means_of_opposite_overflowing_sums_are_rescued():
+    """Partial sums overflowing to +inf and -inf give NaN: rescued where the mean is finite."""
+    big = float(jnp.finfo(jnp.float32).max)
+    x = jnp.asarray([big] * 18 + [-big] * 18, jnp.float32).reshape(1, 36, 1)
+    np.testing.assert_array_equal(jaxconv.adaptive_avg_pool(x, (1,)), [[[0.0]]])
+    np.testing.assert_array_equal(jaxconv.avg_pool(x, (36,)), [[[0.0]]])
+    x = x.at[0, 0, 0].set(jnp.nan)
+    assert np.isnan(jaxconv.adaptive_avg_pool(x, (1,))[0, 0, 0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_fractional_starts_stay_inside_long_axes(dtype):
+    """PyTorch's start formula in 16 bits passes the last start on long axes (PyTorch fails an
+    assertion there): the starts are clipped, so indices stay inside and gradients all land."""
+    size = 200 if dtype == jnp.bfloat16 else 4100
+    out = size - 1 if dtype == jnp.bfloat16 else size // 2
+    x = jnp.ones((1, size, 64), dtype)
+
+    def pool(x):
+        return jaxconv.fractional_max_pool(
+            x, (1,), output_size=out, key=jax.random.key(0), return_indices=True
+        )
+
+    _, indices = jax.jit(pool)(x)
+    assert int(indices.min()) >= 0 and int(indices.max()) <= size - 1
+    grad = jax.grad(lambda x: jnp.sum(pool(x)[0].astype(jnp.float32)))(x)
+    assert float(jnp.sum(grad.astype(jnp.float32))) == out * 64

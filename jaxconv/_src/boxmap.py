@@ -369,7 +369,8 @@ def safe_mean(total, x, count, largest: int):
     def rescue(mean, x):
         scaled = total(x.astype(dtype) * jnp.asarray(1 / scale, dtype)) / jnp.asarray(count, dtype)
         scaled = scaled * jnp.asarray(scale, dtype)
-        return jnp.where(jnp.isinf(mean) & ~jnp.isinf(scaled), scaled, mean)
+        # +inf and -inf partial sums give NaN: rescued too where the scaled mean is finite
+        return jnp.where(~jnp.isfinite(mean) & jnp.isfinite(scaled), scaled, mean)
 
     # Runs when some mean is infinite (an overflow, or an infinite input), and harmlessly when
     # the check's own sum overflows or meets a NaN. The sum to a scalar is cheaper than

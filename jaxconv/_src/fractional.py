@@ -102,7 +102,10 @@ def torch_starts(u: jax.Array, size: int, out: int, kernel: int) -> jax.Array:
         i = jnp.arange(out - 1, dtype=jnp.float32)
         i, u, alpha = (rounded(v.astype(jnp.float32)) for v in (i, u, alpha))
         start = rounded(rounded(i + u) * alpha).astype(jnp.int32)
-        return jnp.concatenate([start - rounded(u * alpha).astype(jnp.int32), last], axis=-1)
+        start = start - rounded(u * alpha).astype(jnp.int32)
+        # PyTorch's formula in 16 bits can pass the last start on long axes (PyTorch then
+        # fails an assertion); clipped, every window lies inside the input
+        return jnp.concatenate([jnp.clip(start, 0, size - kernel), last], axis=-1)
     start = ((i + u) * alpha).astype(jnp.int32) - (u * alpha).astype(jnp.int32)
     return jnp.concatenate([start, last], axis=-1)
 
