@@ -606,3 +606,18 @@ def test_half_precision_starts_round_every_operation(dtype):
         got = np.asarray(starts(jnp.asarray(u), size, out, k))
         np.testing.assert_array_equal(got[:, :-1], want)
         assert (got[:, -1] == size - k).all()
+
+
+@pytest.mark.xfail(raises=NotImplementedError, strict=True)
+def test_grad_of_vmap_over_samples_with_non_integer_alpha():
+    """Documented limitation (README): the band tangent's lax.cond becomes a select that
+    reverse mode cannot transpose once a vmap batches its predicate. vmap of grad works."""
+    x = jnp.arange(81.0).reshape(1, 9, 9, 1) % 7
+    u = jnp.full((2, 1, 1, 2), 0.3)
+
+    def pooled(a, s):
+        return jnp.sum(jaxconv.fractional_max_pool(a, (2, 2), output_size=(5, 5), samples=s))
+
+    per_sample = jax.vmap(lambda s: jax.grad(pooled)(x, s))(u)
+    assert per_sample.shape == (2, *x.shape)
+    jax.grad(lambda a: jnp.sum(jax.vmap(lambda s: pooled(a, s))(u)))(x)
