@@ -102,10 +102,7 @@ def torch_starts(u: jax.Array, size: int, out: int, kernel: int) -> jax.Array:
         i = jnp.arange(out - 1, dtype=jnp.float32)
         i, u, alpha = (rounded(v.astype(jnp.float32)) for v in (i, u, alpha))
         start = rounded(rounded(i + u) * alpha).astype(jnp.int32)
-        start = start - rounded(u * alpha).astype(jnp.int32)
-        # PyTorch's formula in 16 bits can pass the last start on long axes (PyTorch then
-        # fails an assertion); clipped, every window lies inside the input
-        return jnp.concatenate([jnp.clip(start, 0, size - kernel), last], axis=-1)
+        return jnp.concatenate([start - rounded(u * alpha).astype(jnp.int32), last], axis=-1)
     start = ((i + u) * alpha).astype(jnp.int32) - (u * alpha).astype(jnp.int32)
     return jnp.concatenate([start, last], axis=-1)
 
@@ -303,7 +300,9 @@ def fractional_max_pool(
     plans, aux, starts = [], [], []
     rows = zip(axes, sizes, kernel, outs, strict=True)
     for i, (axis, size, k, out) in enumerate(rows):
-        starts.append(torch_starts(u[..., i], size, out, k))
+        # PyTorch's formula in 16 bits can pass the last start on long axes (PyTorch then
+        # fails an assertion); clipped, every window lies inside the input
+        starts.append(jnp.clip(torch_starts(u[..., i], size, out, k), 0, size - k))
         aux.append((_spread_starts(starts[-1], i, n, data_format == "channels_last"), None))
         step = (size - k) // (out - 1) if out > 1 and (size - k) % (out - 1) == 0 else None
         step = step if size < 2**24 else None
