@@ -186,7 +186,13 @@ def test_half_precision_sequences_match_torch(dtype, tdtype):
 def test_output_ratio_and_1d():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 20, 15, 4)).astype(np.float32)
-    for window, ratio, shape in [((2, 2), 0.5, (3, 10, 7, 4)), ((2, 3), (0.7, 0.4), (3, 14, 6, 4))]:
+    cases = [
+        ((2, 2), 0.5, (3, 10, 7, 4)),
+        ((2, 3), (0.7, 0.4), (3, 14, 6, 4)),
+        ((2, 2), np.float32(0.5), (3, 10, 7, 4)),  # NumPy scalars are ratios too
+        ((2, 3), (np.float64(0.7), np.float32(0.4)), (3, 14, 6, 4)),
+    ]
+    for window, ratio, shape in cases:
         pool = jax.jit(
             lambda v, k, w=window, r=ratio: jaxconv.fractional_max_pool(v, w, output_ratio=r, key=k)
         )

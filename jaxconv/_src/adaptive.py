@@ -39,6 +39,7 @@ from jax.typing import ArrayLike
 
 from jaxconv._src.argmax import select_max
 from jaxconv._src.args import (
+    INT32_MAX,
     check_bool,
     check_floating,
     check_index_volume,
@@ -137,9 +138,10 @@ def adaptive_plans(fname: str, shape, output_size, data_format) -> tuple[Adaptiv
     """Validate the arguments and build one plan per spatial axis (``None`` keeps the size)."""
     n = spatial_rank(fname, "output_size", output_size)
     for value in output_size:
-        if value is not None and (not is_int(value) or value < 1):
+        if value is not None and (not is_int(value) or not 1 <= value <= INT32_MAX):
             raise ValueError(
-                f"{fname}: `output_size` entries must be ints >= 1 or None, got {output_size!r}."
+                f"{fname}: `output_size` entries must be ints in [1, {INT32_MAX}] or None, got "
+                f"{output_size!r}."
             )
     axes, _ = layout_axes(fname, len(shape), n, data_format)
     sizes = tuple(shape[a] for a in axes)

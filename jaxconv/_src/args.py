@@ -12,12 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 
 DATA_FORMATS = ("channels_last", "channels_first")
+FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 def is_int(value) -> bool:
     """True for Python and NumPy integers, False for bools and everything else."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """True for Python and NumPy real numbers (ints included), False for bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def per_axis(fname: str, name: str, value, n: int, *, minimum: int = 1) -> tuple[int, ...]:
@@ -40,6 +47,10 @@ def per_axis(fname: str, name: str, value, n: int, *, minimum: int = 1) -> tuple
         )
     if any(v < minimum for v in values):
         raise ValueError(f"{fname}: every entry of `{name}` must be >= {minimum}, got {value!r}.")
+    if any(v > INT64_MAX for v in values):
+        raise ValueError(
+            f"{fname}: every entry of `{name}` must be at most 2**63 - 1 (int64), got {value!r}."
+        )
     return values
 
 
@@ -61,7 +72,7 @@ def spatial_rank(fname: str, name: str, value) -> int:
 
 
 def check_data_format(fname: str, data_format) -> str:
-    if data_format not in DATA_FORMATS:
+    if not isinstance(data_format, str) or data_format not in DATA_FORMATS:
         raise ValueError(
             f"{fname}: `data_format` must be one of {DATA_FORMATS}, got {data_format!r}."
         )
@@ -102,7 +113,7 @@ def as_array(fname: str, name: str, x) -> jnp.ndarray:
 def check_floating(fname: str, name: str, x) -> jnp.ndarray:
     """``x`` as a JAX array of a floating dtype."""
     x = as_array(fname, name, x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{fname}: `{name}` must be a floating-point array (float16, bfloat16, float32 or "
             f"float64), got dtype {x.dtype}."

@@ -53,6 +53,7 @@ from jaxconv._src.args import (
     check_bool,
     check_floating,
     check_index_volume,
+    is_real,
     layout_axes,
     per_axis,
     spatial_rank,
@@ -111,12 +112,10 @@ def torch_starts(u: jax.Array, size: int, out: int, kernel: int) -> jax.Array:
 
 
 def _ratios(fname: str, output_ratio, n: int) -> tuple[float, ...]:
-    if isinstance(output_ratio, (int, float)) and not isinstance(output_ratio, bool):
+    if is_real(output_ratio):
         ratios = (float(output_ratio),) * n
     elif isinstance(output_ratio, Sequence) and not isinstance(output_ratio, str):
-        if len(output_ratio) != n or not all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) for r in output_ratio
-        ):
+        if len(output_ratio) != n or not all(is_real(r) for r in output_ratio):
             raise ValueError(
                 f"{fname}: `output_ratio` must be a float or a sequence of {n} floats, "
                 f"got {output_ratio!r}."

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from jaxconv._src.args import check_data_format, is_int, layout_axes, spatial_rank
+from jaxconv._src.args import check_data_format, is_int, is_real, layout_axes, spatial_rank
 
 DETERMINISTIC_SAMPLE = 0.5
 """The sample ``u`` every (batch, channel, axis) uses when fractional pooling is deterministic."""
@@ -73,7 +73,7 @@ def p_to_raw(fname: str, p) -> float:
 
     ``p == 1`` sits at ``raw = -inf``; it is started at ``1 + 1e-6`` instead.
     """
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
+    if not is_real(p) or not math.isfinite(p) or p < 1:
         raise ValueError(
             f"{fname}: a learnable `p` must start at a finite Python number >= 1, got {p!r}."
         )

@@ -37,7 +37,6 @@ row-major window order, as max pooling's does.
 
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +44,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxconv._src.args import check_floating
+from jaxconv._src.args import check_floating, is_real
 from jaxconv._src.avg import BOX_LIMIT
 from jaxconv._src.boxmap import adjoint_map, block_of, box_map, box_taps, sum_transpose
 from jaxconv._src.cast import round_to
@@ -279,7 +278,7 @@ _norm_inf.defvjp(_norm_inf_fwd, _norm_inf_bwd)
 
 def _check_p(p):
     """``p`` as a Python float (static) or a scalar floating array (traced, learnable)."""
-    if isinstance(p, numbers.Real) and not isinstance(p, (bool, np.bool_)):
+    if is_real(p):
         value = float(p)
         if math.isnan(value) or value < 1:
             raise ValueError(f"{_FNAME}: `p` must be >= 1 (or float('inf')), got {p!r}.")
