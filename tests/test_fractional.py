@@ -614,16 +614,41 @@ def test_half_precision_starts_round_every_operation(dtype):
         assert (got[:, -1] == size - k).all()
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=True)
-def test_grad_of_vmap_over_samples_with_non_integer_alpha():
-    """Documented limitation (README): the band tangent's lax.cond becomes a select that
-    reverse mode cannot transpose once a vmap batches its predicate. vmap of grad works."""
-    x = jnp.arange(81.0).reshape(1, 9, 9, 1) % 7
-    u = jnp.full((2, 1, 1, 2), 0.3)
+@pytest.mark.parametrize("out", [5, 4], ids=["non-integer-alpha", "integer-alpha"])
+def test_grad_of_vmap_over_samples_equals_vmap_of_grad(out):
+    """Per-member samples under ``vmap`` inside ``grad``: the input shared by every member
+    (its gradient sums theirs) and batched with it. The non-integer alpha (9 -> 5) picks the
+    tangent from the band, the integer one (8 -> 4) may run the regular pool."""
+    rng = np.random.default_rng(7)
+    size = 9 if out == 5 else 8
+    x = jnp.asarray(rng.standard_normal((3, size, size, 2)))
+    u = jnp.asarray(rng.random((3, 1, 2, 2)))
 
-    def pooled(a, s):
-        return jnp.sum(jaxconv.fractional_max_pool(a, (2, 2), output_size=(5, 5), samples=s))
+    def loss(a, s):
+        y = jaxconv.fractional_max_pool(a[None], (2, 2), output_size=(out, out), samples=s)
+        return jnp.sum(jnp.sin(y))
 
-    per_sample = jax.vmap(lambda s: jax.grad(pooled)(x, s))(u)
-    assert per_sample.shape == (2, *x.shape)
-    jax.grad(lambda a: jnp.sum(jax.vmap(lambda s: pooled(a, s))(u)))(x)
+    per_member = jax.vmap(jax.grad(loss))(x, u)
+    batched = jax.grad(lambda a: jnp.sum(jax.vmap(loss)(a, u)))(x)
+    np.testing.assert_array_equal(batched, per_member)
+    shared = jax.grad(lambda a: jnp.sum(jax.vmap(loss, (None, 0))(a, u)))(x[0])
+    per_sample = jax.vmap(jax.grad(loss), (None, 0))(x[0], u)
+    np.testing.assert_allclose(shared, jnp.sum(per_sample, 0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("graham", [False, True], ids=["torch", "graham"])
+def test_grad_of_vmap_over_keys(graham):
+    """The common training step: a model ``vmap``-ed over examples with a key each."""
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((4, 11, 11, 3)))
+    keys = jax.random.split(jax.random.key(3), 4)
+
+    def loss(a, k):
+        if graham:
+            y = jaxconv.fractional_max_pool_graham(a[None], output_ratio=(0.7, 0.7), key=k)
+        else:
+            y = jaxconv.fractional_max_pool(a[None], (2, 2), output_ratio=0.7, key=k)
+        return jnp.sum(y**2)
+
+    got = jax.jit(jax.grad(lambda a: jnp.sum(jax.vmap(loss)(a, keys))))(x)
+    np.testing.assert_array_equal(got, jax.vmap(jax.grad(loss))(x, keys))
+    assert jnp.count_nonzero(got) > 0

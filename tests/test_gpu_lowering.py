@@ -106,6 +106,25 @@ def test_cuda_tap_by_tap_fractional_tangent_scatters_unique_indices(graham):
     assert unique and not colliding, colliding[:1]
 
 
+@pytest.mark.parametrize("graham", [False, True], ids=["torch", "graham"])
+def test_cuda_grad_of_vmap_over_keys_lowers_with_conditionals(graham):
+    """``grad`` of a ``vmap`` over per-member keys: the GPU's tap-by-tap tangent and the band
+    keep their ``lax.cond`` (one predicate for the batch), so the program lowers for CUDA."""
+    keys = jax.random.split(jax.random.key(0), 2)
+
+    def loss(x, k):
+        if graham:
+            return jnp.sum(
+                jaxconv.fractional_max_pool_graham(x[None], output_ratio=(0.7, 0.7), key=k)
+            )
+        return jnp.sum(jaxconv.fractional_max_pool(x[None], (3, 3), output_size=(5, 6), key=k))
+
+    grad = jax.grad(lambda x: jnp.sum(jax.vmap(loss)(x, keys)))
+    text = jax.export.export(jax.jit(grad), platforms=["cuda"])(X).mlir_module()
+    assert "stablehlo.case" in text or "stablehlo.if" in text
+    assert "select_and_scatter" not in text
+
+
 def test_cuda_half_precision_starts_round_explicitly():
     """16-bit window starts round every operation with ``reduce_precision``, which XLA's GPU
     compiler keeps (it may drop a float32 -> bfloat16 -> float32 round trip)."""

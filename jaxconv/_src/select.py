@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxconv._src.batching import all_over_batch
 from jaxconv._src.joint import joint_max, joint_pick, use_joint
 from jaxconv._src.order import (
     from_key,
@@ -191,7 +192,7 @@ def _pick_window_of(t, aux, offset, plan):
 
 def _pick_distinct(t, aux, offset, plan):
     return lax.cond(
-        plan.distinct(aux, t.ndim),
+        all_over_batch(plan.distinct(aux, t.ndim)),
         lambda t: _pick_taps(plan.distinct_taps(t, aux), offset),
         lambda t: _pick_window_of(t, aux, offset, plan),
         t,
