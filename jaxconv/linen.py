@@ -43,6 +43,7 @@ __all__ = [
     "FractionalMaxPool",
     "LPPool",
     "MaxPool",
+    "learned_p",
 ]
 
 Initializer = Callable[..., jax.Array]
@@ -63,10 +64,13 @@ def _conv_variables(module: nn.Module, x: jax.Array, *, transpose: bool):
         transpose=transpose,
         names=("the channel count of `x`", "`features`"),
     )
-    init = module.kernel_init or layers.default_kernel_init(module.data_format, transpose=transpose)
+    init = module.kernel_init or layers.default_kernel_init(
+        module.data_format, transpose=transpose, groups=module.groups
+    )
+    layers.check_dtypes(fname, module.dtype, module.param_dtype)
     kernel = module.param("kernel", init, shape, module.param_dtype)
     bias = None
-    if module.use_bias:
+    if check_bool(fname, "use_bias", module.use_bias):
         bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
     return promote_dtype(x, kernel, bias, dtype=module.dtype)
 
@@ -130,7 +134,7 @@ class ConvTranspose(nn.Module):
     ``padding_mode``. The ``"kernel"`` parameter is the one of the convolution it is the adjoint
     of: ``(*kernel_size, C_out // groups, C_in)`` channels_last, ``(C_in, C_out // groups,
     *kernel_size)`` channels_first (PyTorch's ``ConvTranspose`` weight layout); the default
-    initialiser takes its fan-in over the kernel and ``C_in``.
+    initialiser takes its fan-in over the kernel and ``C_in // groups``.
     """
 
     features: int
@@ -237,7 +241,8 @@ class LPPool(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.p
-        if self.learnable_p:
+        if check_bool("jaxconv.linen.LPPool", "learnable_p", self.learnable_p):
+            layers.check_dtypes("jaxconv.linen.LPPool", None, self.param_dtype)
             start = layers.p_to_raw("jaxconv.linen.LPPool", self.p)
             raw = self.param("p_raw", nn.initializers.constant(start), (), self.param_dtype)
             p = learned_p(raw)
@@ -298,7 +303,7 @@ class FractionalMaxPool(nn.Module):
     """
 
     window: Sequence[int]
-    output_size: Sequence[int] | None = None
+    output_size: int | Sequence[int] | None = None
     output_ratio: float | Sequence[float] | None = None
     return_indices: bool = False
     data_format: str = "channels_last"
@@ -316,7 +321,7 @@ class FractionalMaxPool(nn.Module):
                 "samples": layers.deterministic_samples(fname, x, self.window, self.data_format)
             }
         else:
-            source = {"key": self.make_rng(self.rng_collection)}
+            source = {"key": self.make_rng(layers.check_collection(fname, self.rng_collection))}
         return jaxconv.fractional_max_pool(
             x,
             self.window,

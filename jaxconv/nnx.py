@@ -66,8 +66,10 @@ class _ConvBase(nnx.Module):
             transpose=self._transpose,
         )
         init = opts["kernel_init"] or layers.default_kernel_init(
-            data_format, transpose=self._transpose
+            data_format, transpose=self._transpose, groups=groups
         )
+        use_bias = check_bool(fname, "use_bias", opts["use_bias"])
+        layers.check_dtypes(fname, opts["dtype"], opts["param_dtype"])
         if not isinstance(opts["rngs"], nnx.Rngs):
             raise TypeError(
                 f"{fname}: `rngs` must be an nnx.Rngs (its `params` stream initialises the "
@@ -76,9 +78,13 @@ class _ConvBase(nnx.Module):
         stream, param_dtype = _rng_stream(fname, opts["rngs"], "params"), opts["param_dtype"]
         self.kernel = nnx.Param(init(stream(), shape, param_dtype))
         self.bias = nnx.data(None)
-        if opts["use_bias"]:
+        if use_bias:
             self.bias = nnx.Param(opts["bias_init"](stream(), (out_features,), param_dtype))
-        self.dtype = opts["dtype"]
+        # the attributes flax.nnx.Conv has, for code that inspects layers
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel_size, self.use_bias = tuple(kernel_size), use_bias
+        self.dtype, self.param_dtype = opts["dtype"], param_dtype
+        self.kernel_init, self.bias_init = init, opts["bias_init"]
 
     def _variables(self, x):
         bias = None if self.bias is None else self.bias[...]
@@ -162,7 +168,7 @@ class ConvTranspose(_ConvBase):
     ``padding_mode``. The ``kernel`` is the one of the convolution it is the adjoint of:
     ``(*kernel_size, C_out // groups, C_in)`` channels_last, ``(C_in, C_out // groups,
     *kernel_size)`` channels_first (PyTorch's ``ConvTranspose`` weight layout); the default
-    initialiser takes its fan-in over the kernel and ``C_in``.
+    initialiser takes its fan-in over the kernel and ``C_in // groups``.
     """
 
     _transpose = True
@@ -305,7 +311,8 @@ class LPPool(nnx.Module):
         self.p, self.window, self.stride, self.padding = p, window, stride, padding
         self.dilation, self.ceil_mode, self.data_format = dilation, ceil_mode, data_format
         self.p_raw = nnx.data(None)
-        if learnable_p:
+        if check_bool("jaxconv.nnx.LPPool", "learnable_p", learnable_p):
+            layers.check_dtypes("jaxconv.nnx.LPPool", None, param_dtype)
             start = layers.p_to_raw("jaxconv.nnx.LPPool", p)
             self.p_raw = nnx.Param(jnp.asarray(start, param_dtype))
 
@@ -377,7 +384,7 @@ class FractionalMaxPool(nnx.Module):
         self,
         window: Sequence[int],
         *,
-        output_size: Sequence[int] | None = None,
+        output_size: int | Sequence[int] | None = None,
         output_ratio: float | Sequence[float] | None = None,
         return_indices: bool = False,
         data_format: str = "channels_last",
@@ -389,8 +396,19 @@ class FractionalMaxPool(nnx.Module):
         self.return_indices, self.data_format = return_indices, data_format
         fname = "jaxconv.nnx.FractionalMaxPool"
         self.deterministic = check_bool(fname, "deterministic", deterministic)
-        self.rng_collection = rng_collection
+        self.rng_collection = layers.check_collection(fname, rng_collection)
         self.rngs = nnx.data(_stream(fname, rngs, rng_collection))
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view(model, deterministic=...)``, as ``nnx.Dropout``'s.
+
+        Args:
+          deterministic: if True, fixed pooling regions; if False, random ones.
+        """
+        if deterministic is not None:
+            self.deterministic = check_bool(
+                "jaxconv.nnx.FractionalMaxPool", "deterministic", deterministic
+            )
 
     def __call__(
         self,

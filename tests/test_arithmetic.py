@@ -1,10 +1,12 @@
 """Output-size arithmetic against the seed and PyTorch's pooling and transposed-conv shapes."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import jaxconv
 from jaxconv import conv_output_size, conv_transpose_output_size
 
 _RNG_SEED = 20190208
@@ -119,6 +121,20 @@ def test_string_paddings():
     assert conv_transpose_output_size(5, 3, padding="VALID") == 7
 
 
+@pytest.mark.parametrize("padding", ["SAME", "FULL", "VALID", "same", 1, ((2, 0),)])
+def test_conv_transpose_output_size_is_conv_transposes_shape(padding):
+    """The helper predicts :func:`jaxconv.conv_transpose`'s output for every padding it takes."""
+    for size, k, s, d in [(16, 3, 2, 1), (7, 4, 3, 2), (5, 1, 1, 1), (9, 5, 1, 3)]:
+        w, y = jnp.ones((k, 1, 1)), jnp.ones((1, size, 1))
+        try:
+            want = jaxconv.conv_transpose(y, w, stride=s, padding=padding, dilation=d).shape[1:2]
+        except ValueError:  # e.g. "FULL" padding past the output: the helper must raise too
+            with pytest.raises(ValueError, match="conv_transpose_output_size: "):
+                conv_transpose_output_size((size,), k, s, padding, dilation=d)
+            continue
+        assert conv_transpose_output_size((size,), k, s, padding, dilation=d) == want
+
+
 def test_asymmetric_pairs():
     assert conv_output_size(5, 3, padding=((1, 0),)) == (4,)
     assert conv_output_size((5, 6), 3, padding=((0, 2), (1, 1))) == (5, 6)
@@ -160,7 +176,8 @@ _TRANSPOSE_ERRORS = [
     (dict(size=3, kernel=3, output_padding=1), ValueError, "output_padding"),
     (dict(size=3, kernel=3, output_padding=-1), ValueError, "output_padding"),
     (dict(size=1, kernel=1, padding=1), ValueError, "padding"),
-    (dict(size=3, kernel=3, padding="SAME"), ValueError, "padding"),
+    (dict(size=3, kernel=3, padding="HALF"), ValueError, "padding"),
+    (dict(size=3, kernel=3, stride=2, padding="SAME", output_padding=1), ValueError, "output_pad"),
     (dict(size=3, kernel=0), ValueError, "kernel"),
     (dict(size=(3, 3), kernel=(3,)), ValueError, "kernel"),
     (dict(size=3, kernel=3, stride=False), TypeError, "stride"),

@@ -112,6 +112,9 @@ def test_conv_initialisers_are_flax_defaults():
         (jcl.Conv(64, (3, 3), data_format=CF), 32, 9 * 32),
         (jcl.ConvTranspose(64, (3, 3)), 32, 9 * 32),
         (jcl.ConvTranspose(32, (3, 3), data_format=CF), 64, 9 * 64),
+        (jcl.Conv(64, (3, 3), groups=4), 32, 9 * 8),
+        (jcl.ConvTranspose(64, (3, 3), groups=4), 32, 9 * 8),  # each output reads 32/4 inputs
+        (jcl.ConvTranspose(128, (3, 3), groups=16, data_format=CF), 64, 9 * 4),
     ],
 )
 def test_default_kernel_init_is_lecun_normal_over_the_input_features(layer, in_features, fan_in):
@@ -144,6 +147,22 @@ def test_conv_dtypes():
         (jcl.Conv(0, (3, 3)), (1, 6, 6, 2), ValueError, ["jaxconv.linen.Conv", "`features`", "0"]),
         (jcl.Conv(4, (3, 3)), (1, 6, 6, 0), ValueError, ["Conv", "channel count of `x`", "0"]),
         (jcl.ConvTranspose(4, (3, 3), groups=3), (1, 6, 6, 6), ValueError, ["`features` (4)"]),
+        (jcl.Conv(4, (3, 3), use_bias="no"), (1, 6, 6, 2), TypeError, ["Conv", "`use_bias`"]),
+        (jcl.Conv(4, (3, 3), param_dtype=jnp.int32), (1, 6, 6, 2), TypeError, ["`param_dtype`"]),
+        (jcl.ConvTranspose(4, (3, 3), dtype="foo"), (1, 6, 6, 2), TypeError, ["`dtype`", "foo"]),
+        (jcl.LPPool(2.0, (2, 2), learnable_p="yes"), (1, 6, 6, 2), TypeError, ["`learnable_p`"]),
+        (
+            jcl.LPPool(2.0, (2, 2), learnable_p=True, param_dtype=jnp.int32),
+            (1, 6, 6, 2),
+            TypeError,
+            ["jaxconv.linen.LPPool", "`param_dtype`"],
+        ),
+        (
+            jcl.FractionalMaxPool((2, 2), (3, 3), deterministic=False, rng_collection=3),
+            (1, 6, 6, 2),
+            TypeError,
+            ["3"],
+        ),
     ],
 )
 def test_conv_bad_configuration_is_named(layer, shape, error, words):

@@ -78,6 +78,42 @@ def test_conv_modules_pass_precision_on(layer):
     assert [[p.name for p in e.params["precision"]] for e in convs] == [["HIGHEST", "HIGHEST"]]
 
 
+def test_conv_has_flax_nnx_conv_attributes():
+    """Code that inspects flax.nnx.Conv layers finds the same attributes here."""
+    for layer in (
+        jcn.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0)),
+        jcn.ConvTranspose(3, 8, (3, 3), use_bias=False, rngs=nnx.Rngs(0)),
+    ):
+        theirs = nnx.Conv(3, 8, (3, 3), use_bias=layer.use_bias, rngs=nnx.Rngs(0))
+        for name in ("in_features", "out_features", "kernel_size", "use_bias", "param_dtype"):
+            assert getattr(layer, name) == getattr(theirs, name), name
+        assert layer.dtype is None and callable(layer.kernel_init) and callable(layer.bias_init)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_grouped_conv_transpose_init_keeps_the_variance(groups):
+    """The default fan-in is what each output reads: ``9 * C_in // groups``, as Conv's."""
+    layer = jcn.ConvTranspose(64, 64, (3, 3), groups=groups, rngs=nnx.Rngs(0))
+    std = float(np.std(np.asarray(layer.kernel[...])))
+    np.testing.assert_allclose(std, np.sqrt(groups / (9 * 64)), rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda: jcn.Conv(3, 4, (3, 3), use_bias="no", rngs=nnx.Rngs(0)), "`use_bias`"),
+        (lambda: jcn.Conv(3, 4, (3, 3), param_dtype=jnp.int32, rngs=nnx.Rngs(0)), "param_dtype"),
+        (lambda: jcn.Conv(3, 4, (3, 3), dtype="foo", rngs=nnx.Rngs(0)), "`dtype`"),
+        (lambda: jcn.LPPool(2.0, (2, 2), learnable_p="yes"), "`learnable_p`"),
+        (lambda: jcn.LPPool(2.0, (2, 2), learnable_p=True, param_dtype=int), "`param_dtype`"),
+        (lambda: jcn.FractionalMaxPool((2, 2), output_size=3, rng_collection=3), "collection"),
+    ],
+)
+def test_bad_module_options_are_named(make, words):
+    with pytest.raises(TypeError, match=rf"^jaxconv\.nnx\.\w+: .*{words}"):
+        make()
+
+
 def test_conv_bad_kernel_size_is_named():
     with pytest.raises(TypeError, match=r"jaxconv.nnx.Conv.*kernel_size"):
         jcn.Conv(3, 4, 3, rngs=nnx.Rngs(0))
@@ -215,3 +251,18 @@ def test_fractional_eval_mode_is_deterministic_and_needs_no_rngs():
     model.train()
     assert layer.deterministic is False
     assert layer(x, deterministic=True).shape == (1, 2, 6, 6)
+
+
+def test_fractional_follows_nnx_view():
+    """``nnx.view(model, deterministic=True)`` fixes the regions, as it switches off Dropout."""
+    x = _x((1, 2, 8, 8), "fractional-view")
+    model = nnx.Sequential(
+        nnx.Dropout(0.5, rngs=nnx.Rngs(0)),
+        jcn.FractionalMaxPool((3, 3), output_ratio=0.75, data_format=CF, rngs=nnx.Rngs(1)),
+    )
+    evaluated = nnx.view(model, deterministic=True)
+    assert evaluated.layers[0].deterministic and evaluated.layers[1].deterministic
+    assert model.layers[1].deterministic is False
+    chex.assert_trees_all_equal(_call(evaluated, x), _call(evaluated, x))
+    with pytest.raises(TypeError, match=r"FractionalMaxPool: `deterministic`"):
+        nnx.view(model, deterministic="yes")

@@ -8,6 +8,7 @@ The seed's formula ``O = floor((I + 2P - K) / S) + 1`` generalised to asymmetric
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 from jaxconv._src.args import is_int, per_axis
 
@@ -107,7 +108,14 @@ def _rank(values) -> int | None:
     return None
 
 
-def conv_output_size(size, kernel, stride=1, padding=0, dilation=1, ceil_mode=False):
+def conv_output_size(
+    size: int | Sequence[int],
+    kernel: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: Any = 0,
+    dilation: int | Sequence[int] = 1,
+    ceil_mode: bool = False,
+) -> int | tuple[int, ...]:
     """Output size of a convolution or pooling window along each spatial axis.
 
     ``O = floor((I + lo + hi - d*(K-1) - 1 + (S-1 if ceil_mode else 0)) / S) + 1``; in ceil mode
@@ -150,18 +158,28 @@ def conv_output_size(size, kernel, stride=1, padding=0, dilation=1, ceil_mode=Fa
     return out[0] if scalar else out
 
 
-def conv_transpose_output_size(size, kernel, stride=1, padding=0, output_padding=0, dilation=1):
+def conv_transpose_output_size(
+    size: int | Sequence[int],
+    kernel: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: Any = 0,
+    output_padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> int | tuple[int, ...]:
     """Output size of a transposed convolution along each spatial axis.
 
     ``O = (I - 1)*S - lo - hi + d*(K - 1) + output_padding + 1``, the input size of the
     convolution whose adjoint it is. ``output_padding`` must be smaller than the stride or the
-    dilation (PyTorch's rule).
+    dilation (PyTorch's rule). ``padding`` as :func:`jaxconv.conv_transpose`: "SAME" gives
+    ``I*S``, "FULL" pads the convolution by ``d*(K - 1)`` on both sides.
 
     Example:
       >>> conv_transpose_output_size(3, 3)
       5
       >>> conv_transpose_output_size((4, 4), 3, stride=2, padding=1, output_padding=1)
       (8, 8)
+      >>> conv_transpose_output_size(16, 3, stride=2, padding="SAME")
+      32
     """
     fname = "conv_transpose_output_size"
     n = _rank([size, kernel, stride, dilation, output_padding, padding])
@@ -172,9 +190,38 @@ def conv_transpose_output_size(size, kernel, stride=1, padding=0, output_padding
     s = per_axis(fname, "stride", stride, n)
     d = per_axis(fname, "dilation", dilation, n)
     op = per_axis(fname, "output_padding", output_padding, n, minimum=0)
-    pads = resolve_padding(fname, padding, n, kernel=k, stride=s, dilation=d, allowed=("VALID",))
-    out = transpose_sizes(fname, sizes, k, s, pads, op, d)
+    out = transpose_geometry(fname, sizes, k, s, padding, op, d)[1]
     return out[0] if scalar else out
+
+
+def transpose_geometry(fname, sizes, kernel, stride, padding, output_padding, dilation):
+    """The convolution's ``(lo, hi)`` padding and the transposed output sizes, validated.
+
+    "SAME": the output is ``input * stride`` (the adjoint of a "SAME" convolution of it);
+    "FULL": ``d*(k - 1)`` both sides; else as :func:`resolve_padding`.
+    """
+    n = len(sizes)
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        if any(output_padding):
+            raise ValueError(
+                f"{fname}: with padding='SAME' the output size is input size * stride, so "
+                f"`output_padding` must be 0, got {output_padding}."
+            )
+        outs = tuple(i * s for i, s in zip(sizes, stride, strict=True))
+        pads = resolve_padding(
+            fname, padding, n, kernel=kernel, stride=stride, dilation=dilation, in_sizes=outs
+        )
+        return pads, outs
+    pads = resolve_padding(
+        fname,
+        padding,
+        n,
+        kernel=kernel,
+        stride=stride,
+        dilation=dilation,
+        allowed=("VALID", "SAME", "FULL"),
+    )
+    return pads, transpose_sizes(fname, sizes, kernel, stride, pads, output_padding, dilation)
 
 
 def transpose_sizes(fname, sizes, kernel, stride, pads, output_padding, dilation):

@@ -16,7 +16,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jaxconv._src.args import is_int, per_axis
-from jaxconv._src.arithmetic import resolve_padding, transpose_sizes
+from jaxconv._src.arithmetic import transpose_geometry
 from jaxconv._src.conv import (
     _add_bias,
     _check_arrays,
@@ -51,23 +51,10 @@ def _check_transpose_groups(fname: str, groups, lay: _Layout) -> int:
 
 def _transpose_geometry(fname, lay: _Layout, padding, stride, dilation, output_padding):
     """Output sizes and the (lo, hi) padding of the adjoint's dilated convolution."""
-    n, outs = lay.n, lay.sizes
-    allowed = ("VALID", "SAME", "FULL")
-    if isinstance(padding, str) and padding.upper() == "SAME":
-        if any(output_padding):
-            raise ValueError(
-                f"{fname}: with padding='SAME' the output size is input size * stride, so "
-                f"`output_padding` must be 0, got {output_padding}."
-            )
-        sizes = tuple(o * s for o, s in zip(outs, stride, strict=True))
-        pads = resolve_padding(
-            fname, padding, n, kernel=lay.kernel, stride=stride, dilation=dilation, in_sizes=sizes
-        )
-    else:
-        pads = resolve_padding(
-            fname, padding, n, kernel=lay.kernel, stride=stride, dilation=dilation, allowed=allowed
-        )
-        sizes = transpose_sizes(fname, outs, lay.kernel, stride, pads, output_padding, dilation)
+    outs = lay.sizes
+    pads, sizes = transpose_geometry(
+        fname, outs, lay.kernel, stride, padding, output_padding, dilation
+    )
     tpads = []
     for i, o, k, s, d, (lo, hi) in zip(
         sizes, outs, lay.kernel, stride, dilation, pads, strict=True

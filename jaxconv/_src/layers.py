@@ -54,18 +54,48 @@ def kernel_shape(
     return (conv_out, conv_in // groups, *(int(k) for k in kernel))
 
 
-def default_kernel_init(data_format: str, *, transpose: bool) -> initializers.Initializer:
-    """Flax's default, LeCun normal, with the fan-in taken over the layer's input features.
+def default_kernel_init(
+    data_format: str, *, transpose: bool, groups: int = 1
+) -> initializers.Initializer:
+    """Flax's default, LeCun normal, with the fan-in taken over the input features each output
+    reads: ``prod(kernel) * in_features // groups``, as ``flax.linen.Conv`` for ``conv``.
 
-    For ``conv`` that is ``prod(kernel) * in_features // groups`` as in ``flax.linen.Conv``; for
-    ``conv_transpose`` it is ``prod(kernel) * in_features`` (the features the layer reads).
+    ``conv_transpose``'s kernel holds all ``in_features`` on one axis and ``out_features //
+    groups`` on the other, so its variance is scaled by ``groups``.
     """
     last = data_format == "channels_last"
     if transpose:
         in_axis, out_axis = (-1, -2) if last else (0, 1)
+        scale = float(groups)
     else:
         in_axis, out_axis = (-2, -1) if last else (1, 0)
-    return initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis)
+        scale = 1.0
+    return initializers.variance_scaling(
+        scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+    )
+
+
+def check_dtypes(fname: str, dtype, param_dtype) -> None:
+    """``dtype`` None or a floating dtype, ``param_dtype`` a floating dtype."""
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is None and name == "dtype":
+            continue
+        try:
+            floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise TypeError(
+                f"{fname}: `{name}` must be a floating dtype (e.g. jnp.float32, jnp.bfloat16)"
+                f"{' or None' if name == 'dtype' else ''}, got {value!r}."
+            )
+
+
+def check_collection(fname: str, name) -> str:
+    """An rng stream / collection name."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{fname}: `rng_collection` must be a non-empty str, got {name!r}.")
+    return name
 
 
 def p_to_raw(fname: str, p) -> float:
