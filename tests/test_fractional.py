@@ -652,3 +652,5 @@ def test_grad_of_vmap_over_keys(graham):
     got = jax.jit(jax.grad(lambda a: jnp.sum(jax.vmap(loss)(a, keys))))(x)
     np.testing.assert_array_equal(got, jax.vmap(jax.grad(loss))(x, keys))
     assert jnp.count_nonzero(got) > 0
+    nested = jax.grad(lambda a: jnp.sum(jax.vmap(jax.vmap(loss))(a, keys.reshape(2, 2))))
+    np.testing.assert_array_equal(nested(x.reshape(2, 2, 11, 11, 3)), got.reshape(2, 2, 11, 11, 3))

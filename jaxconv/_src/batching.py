@@ -24,4 +24,5 @@ def all_over_batch(flag: jax.Array) -> jax.Array:
 @all_over_batch.def_vmap
 def _all_over_batch_vmap(axis_size, in_batched, flag):
     del axis_size
-    return (jnp.all(flag) if in_batched[0] else flag), False
+    # again through all_over_batch: an enclosing vmap may batch the reduced flag too
+    return all_over_batch(jnp.all(flag) if in_batched[0] else flag), False
