@@ -286,9 +286,19 @@ def test_jit_vmap_over_batch_and_over_p():
 
 
 def test_traced_p_inf_is_the_max_of_abs():
-    x = jnp.asarray(np.random.default_rng(11).standard_normal((1, 6, 6, 2)), jnp.float32)
-    traced = jax.jit(lambda x, p: jaxconv.lp_pool(x, p, (3, 3), 2))(x, jnp.float32(np.inf))
-    np.testing.assert_array_equal(traced, jaxconv.lp_pool(x, float("inf"), (3, 3), 2))
+    """Value and gradient of a traced inf equal the static one's (no ties in the data), also
+    where ``m * (1/m)`` rounds one unit below 1 (1.089)."""
+    x = np.random.default_rng(11).standard_normal((2, 16, 16, 2)).astype(np.float32)
+    x[0, 0, :2, 0] = [1.089, 0.2]
+    x = jnp.asarray(x)
+
+    def pooled(x, p):
+        return jaxconv.lp_pool(x, p, (2, 2), 2)
+
+    traced = jax.jit(pooled)(x, jnp.float32(np.inf))
+    np.testing.assert_array_equal(traced, pooled(x, float("inf")))
+    grad = jax.jit(jax.grad(lambda x, p: jnp.sum(pooled(x, p))))(x, jnp.float32(np.inf))
+    np.testing.assert_array_equal(grad, jax.grad(lambda x: jnp.sum(pooled(x, float("inf"))))(x))
 
 
 def test_forward_mode_is_not_supported():

@@ -86,10 +86,11 @@ def _ratio_scale(v):
 
 
 def _ratios(parts, v):
-    """``|t| / v`` for each of ``parts`` (0 where ``v`` is below the normal range)."""
+    """``|t| / v`` for each of ``parts`` (0 where ``v`` is below the normal range), divided: the
+    maximum's ratio is then exactly 1, which ``p = inf`` (traced) needs (``m * (1/m)`` can be
+    one unit below 1, and its infinite power 0)."""
     c = _ratio_scale(v)
-    inv = _safe_inverse(v * c)
-    return [(jnp.abs(t) * c) * inv for t in parts]
+    return [_safe_divide(jnp.abs(t) * c, v * c) for t in parts]
 
 
 def _safe_inverse(v):
@@ -97,6 +98,13 @@ def _safe_inverse(v):
     derivative order; the inverse of a subnormal ``v`` would overflow to inf)."""
     normal = v >= jnp.finfo(v.dtype).tiny
     return jnp.where(normal, 1 / jnp.where(normal, v, 1), 0)
+
+
+def _safe_divide(a, v):
+    """``a / v`` where ``v`` is at least the smallest normal number, else ``a * 0`` (0, or NaN
+    for a NaN ``a``: as ``a * _safe_inverse(v)``)."""
+    normal = v >= jnp.finfo(v.dtype).tiny
+    return jnp.where(normal, a / jnp.where(normal, v, 1), a * 0)
 
 
 def _norm_of(parts, p):
@@ -153,15 +161,18 @@ def _grad_x(x, y, g, p, plans):
         return _grad_x_p2(x, y, g, plans, sizes)
 
     c = _ratio_scale(y)
-    inv = _safe_inverse(y * c)
+    if isinstance(p, float):
+        scale, ratio = _safe_inverse(y * c), jnp.multiply
+    else:  # a traced p may be inf: the maximum's ratio must be exactly 1, a reciprocal misses it
+        scale, ratio = y * c, _safe_divide
 
     def spread(parts, extra):
         (xb,) = extra
         a = jnp.abs(xb)
-        terms = [gt * _power((a * ct) * it, p - 1) for gt, it, ct in parts]
+        terms = [gt * _power(ratio(a * ct, st), p - 1) for gt, st, ct in parts]
         return jnp.sign(xb) * functools.reduce(jnp.add, terms)
 
-    return adjoint_map((g, inv, c), plans, sizes, spread, extras=(x,))
+    return adjoint_map((g, scale, c), plans, sizes, spread, extras=(x,))
 
 
 def _grad_x_p2(x, y, g, plans, sizes):
