@@ -80,6 +80,10 @@ CASES = [
     ((3, 11), (8, 11), "channels_last", np.float32),
     ((5, 6, 7), (3, None, 9), "channels_first", np.float32),
     ((4, 4, 6), (2, 3, 5), "channels_last", np.float64),
+    # windows of varying lengths, over 16 taps: one gather of all taps for the averages too
+    ((100, 37), (7, 5), "channels_first", np.float32),
+    ((200,), (3,), "channels_last", np.float64),  # 68 taps: the value reduces the gather too
+    ((31, 5, 23), (3, 2, 2), "channels_last", np.float64),
 ]
 
 
@@ -132,6 +136,90 @@ def test_equinox_disagreement_case():
     assert np.abs(np.asarray(eqx_avg) - t_avg[0]).max() > 0.1  # the case discriminates
 
 
+LONG = [(100, 7), (200, 3)]  # lengths 15 and 16; 67 and 68 (over 64 taps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
+@pytest.mark.parametrize(("size", "out"), LONG, ids=str)
+def test_long_windows_nan_inf_and_ties_match_torch(size, out, dtype):
+    """Windows of varying lengths gathered at once, whose shorter windows are padded with
+    repeats of their last element: a NaN there, windows of -inf only and tied maxima keep
+    PyTorch's values, indices (the last NaN, the first maximum) and gradients."""
+    starts = np.arange(out) * size // out
+    ends = -(-np.arange(1, out + 1) * size // out)
+    rng = np.random.default_rng(size)
+    x = rng.integers(-2, 3, (3, 2, size)).astype(np.float32)  # (N, C, L): ties everywhere
+    short = np.flatnonzero(ends - starts < (ends - starts).max())
+    x[0, 0, ends[short] - 1] = np.nan  # the last element of every shorter window
+    x[0, 1, starts[short[0]] : ends[short[0]] - 1] = np.nan  # NaN then a finite last element
+    x[1, 0] = -np.inf
+    x[1, 1, : ends[0]] = np.nan
+    tx = torch.tensor(x.astype(np.float64)).to(torch.bfloat16 if dtype == jnp.bfloat16 else None)
+    tx = tx.to(torch.float32 if dtype == np.float32 else tx.dtype).requires_grad_()
+    t_val, t_idx = F.adaptive_max_pool1d(tx, out, return_indices=True)
+    g = rng.standard_normal(t_val.shape).astype(np.float32)
+    (t_grad,) = torch.autograd.grad(t_val, tx, torch.tensor(g).to(tx.dtype))
+
+    def pool(v):
+        return jaxconv.adaptive_max_pool(
+            v, (out,), return_indices=True, data_format="channels_first"
+        )
+
+    xj = jnp.asarray(x, dtype)
+    (val, idx), vjp = jax.vjp(pool, xj)
+    (grad,) = vjp((jnp.asarray(g, dtype), np.zeros(idx.shape, jax.dtypes.float0)))
+    plain = jax.grad(
+        lambda v: jnp.vdot(
+            jaxconv.adaptive_max_pool(v, (out,), data_format="channels_first").astype(np.float32), g
+        )
+    )(xj)
+    np.testing.assert_array_equal(np.asarray(val, np.float64), t_val.detach().double().numpy())
+    np.testing.assert_array_equal(idx, t_idx.numpy())
+    np.testing.assert_array_equal(np.asarray(grad, np.float64), t_grad.double().numpy())
+    np.testing.assert_array_equal(np.asarray(plain, np.float64), t_grad.double().numpy())
+
+
+def test_gathered_windows_meet_at_most_twice():
+    """The scatter that transposes a gathered window of all taps sums, at each input element,
+    at most two nonzero terms, so its result does not depend on their order (GPUs): every
+    element lies in at most two windows, within a window each element is one in-window tap,
+    and the taps past a window's end repeat its last element (a max picks one tap per window;
+    an average masks the repeats)."""
+    from jaxconv._src.adaptive import AdaptivePlan, _as_regular
+
+    rng = np.random.default_rng(7)
+    pairs = [(s, o) for s in range(2, 80) for o in range(1, s)]
+    pairs += [(int(s), int(rng.integers(1, s))) for s in rng.integers(80, 5000, 40)]
+    gathered = 0
+    for size, out in pairs:
+        plan = _as_regular(AdaptivePlan(0, size, out))
+        if not hasattr(plan, "window"):
+            continue
+        gathered += 1
+        index, inside = plan.index, plan.mask(1)  # (out, kernel) input positions
+        np.testing.assert_array_equal(index[:, 0], plan.starts)
+        np.testing.assert_array_equal(index.max(axis=1), plan.starts + plan.lengths - 1)
+        rows = np.zeros(size, int)
+        for row, ok in zip(index, inside, strict=True):
+            assert len(set(row[ok])) == ok.sum()  # in-window taps are distinct
+            np.testing.assert_array_equal(row[~ok], row[ok][-1])  # repeats of the last one
+            rows[np.unique(row)] += 1
+        assert rows.max() <= 2, (size, out)
+    assert gathered > 2000
+    plan = _as_regular(AdaptivePlan(1, 100, 7))
+    x = np.arange(2 * 100 * 3).reshape(2, 100, 3)
+    np.testing.assert_array_equal(plan.window(x), x[:, plan.index])
+
+
+@pytest.mark.parametrize("op", ["avg", "max"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_check_grads_float64_long_windows(op, order):
+    rng = np.random.default_rng(6)
+    x = rng.permutation(61 * 3 * 2).reshape(1, 61, 3, 2).astype(np.float64) / 10  # no ties
+    pool = jaxconv.adaptive_avg_pool if op == "avg" else jaxconv.adaptive_max_pool
+    check_grads(jax.jit(lambda v: pool(v, (3, 2))), (x,), order, ("fwd", "rev"))  # 21, 22 taps
+
+
 def _count_eqns(jaxpr) -> int:
     """Equations of a jaxpr, sub-jaxprs (jit, custom_jvp) included."""
     total = 0
@@ -162,6 +250,17 @@ def test_program_size_does_not_grow_with_output(op, size, small, large):
     many = _program_size(lambda v: pool(v, (large, large)), (1, size, size, 1))
     assert many[0] < 2 * few[0], (few, many)
     assert many[1] < 2 * few[1], (few, many)
+
+
+@pytest.mark.parametrize("op", ["avg", "max"])
+def test_program_size_does_not_grow_with_window(op):
+    """Windows of varying lengths: 300 -> 7 (44 taps) and 5000 -> 7 (716 taps) give programs of
+    the same size (the gradient of 1000 -> 7 ran out of memory compiling one scatter per tap)."""
+    pool = jaxconv.adaptive_avg_pool if op == "avg" else jaxconv.adaptive_max_pool
+    short = _program_size(lambda v: pool(v, (7, 3)), (1, 300, 10, 1))
+    long = _program_size(lambda v: pool(v, (7, 3)), (1, 5000, 10, 1))
+    assert long[0] <= short[0] * 1.25, (short, long)
+    assert long[1] <= short[1] * 1.25, (short, long)
 
 
 GRAD_CASES = [

@@ -3,7 +3,10 @@
 A float scatter-add whose indices may collide sums in a varying order on GPUs, and XLA's
 ``select_and_scatter`` uses atomics there. jaxconv's gradients must not contain either: max, avg
 and Lp pooling transpose slices and selects into pads and adds, and the gathers of adaptive
-and fractional windows transpose into scatters of unique indices. Fractional windows with a
+and fractional windows transpose into scatters of unique indices, or, for adaptive windows of
+varying lengths gathered at once, into scatters where at most two nonzero terms meet at each
+element (two numbers and zeros sum alike in any order; ``test_adaptive.py`` checks the bound).
+Fractional windows with a
 non-integer ``alpha`` gather tap by tap, a scatter of unique indices each, and keep one stacked
 gather per axis (colliding scatters) for the case where the samples' rounding repeats a start
 before the last window, checked at run time (see ``test_fractional.py``).
@@ -65,6 +68,14 @@ FALLBACKS = {
 }
 
 
+# Adaptive max pooling over windows of varying lengths: one gather of all taps per such axis,
+# whose scatter collides, with at most two nonzero terms per element.
+TWO_TERMS = {
+    "adaptive_max_pool 12->5": 2,
+    "adaptive_max_pool 12->7x1": 1,
+}
+
+
 def cuda_scatters(f, *args):
     text = jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
     assert "select_and_scatter" not in text
@@ -76,7 +87,8 @@ def cuda_scatters(f, *args):
 @pytest.mark.parametrize("name", list(OPS))
 def test_cuda_gradient_has_no_colliding_scatter(name):
     unique, colliding = cuda_scatters(jax.grad(lambda x: jnp.sum(OPS[name](x) ** 2)), X)
-    assert len(colliding) <= FALLBACKS.get(name, 0), colliding[0][:300]
+    allowed = FALLBACKS.get(name, 0) + TWO_TERMS.get(name, 0)
+    assert len(colliding) <= allowed, colliding[0][:300]
     assert unique or name not in FALLBACKS
 
 
