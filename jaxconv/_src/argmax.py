@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.cast import CONVERTED_TAPS, tap_groups
+from jaxconv._src.gathered import window_values
 from jaxconv._src.joint import joint_index, joint_max, joint_pick
 from jaxconv._src.order import from_key, is_narrow, lowest_key, order_key, tie_key
 from jaxconv._src.select import (
@@ -25,7 +26,6 @@ from jaxconv._src.select import (
     max_values,
     pick,
     staged_max_jvp,
-    window_values,
 )
 from jaxconv._src.window import AxisPlan, along
 from jaxconv._src.window_argmax import (

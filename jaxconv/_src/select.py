@@ -68,6 +68,7 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.batching import all_over_batch
+from jaxconv._src.gathered import gathered, gathered_stage, stacked_max, window_values
 from jaxconv._src.joint import joint_max, joint_pick, use_joint
 from jaxconv._src.order import (
     from_key,
@@ -82,8 +83,6 @@ from jaxconv._src.window import AxisPlan
 from jaxconv._src.window_argmax import (
     argmax_stage,
     crop_out,
-    key_wins,
-    later_wins,
     offset_dtype,
     phase_pick,
     use_reduce_window,
@@ -133,30 +132,13 @@ def _fold(taps, valid, payloads):
     return value, offset, carry
 
 
-def _gathered(plan) -> bool:
-    """Plans whose winners come from one variadic reduction over ``window``."""
-    return getattr(plan, "gathered_winners", False)
-
-
-# Gathered plans of more taps than this reduce ``window`` for the value alone too. Fewer fold
-# their taps, which XLA's CPU compiler fuses best: float32 (8, 300, 300, 16) -> 7x7 (44 taps)
-# 3.1-4.5 against 21-29 ms, bfloat16 keys of (32, 60, 60, 64) -> 7x7 2.4-3.3 against 18-20 ms;
-# compile time grows with the taps (0.3-0.5 s at 44 in float32, 1.0-1.4 s in bfloat16).
-WINDOW_VALUES_MIN_KERNEL = 64
-
-
-def window_values(plan) -> bool:
-    """Plans whose value alone reduces their ``window``, not their taps."""
-    return _gathered(plan) and plan.kernel > WINDOW_VALUES_MIN_KERNEL
-
-
 def _stacked_fold(value, a, plan, payloads):
     """:func:`_fold` over a ``gathered_winners`` plan's window (values or order keys): the
     winner's value, offset and carried payloads. Values keep the tie rule's derivative (higher
     orders differentiate this)."""
     axis = plan.axis + 1
     if jnp.issubdtype(value.dtype, jnp.integer):
-        top, offset = _gathered_stage(plan.window(value, a), axis, plan.kernel)
+        top, offset = gathered_stage(plan.window(value, a), axis, plan.kernel)
     else:
         top, offset = _stacked_argmax(value, a, plan)
     carried = [_pick_window(plan.window(p, a), offset, axis) for p in payloads]
@@ -174,7 +156,7 @@ def max_stages(x, aux, plans):
     value, fill = _as_keys(x)
     stages, finals = [], []
     for plan, a in zip(reversed(plans), reversed(aux), strict=True):
-        if _gathered(plan):
+        if gathered(plan):
             value, offset, finals = _stacked_fold(value, a, plan, finals)
             stages.append(offset)
             finals.append(offset)
@@ -246,26 +228,12 @@ def _axis_values(x, plan, a, fill):
     if use_reduce_window(plan):
         return crop_out(lax.reduce_window(x, fill, lax.max, **window_args(plan, x.ndim)), plan)
     if window_values(plan):
-        return _stacked_max(plan.window(x, a), plan.axis + 1)
+        return stacked_max(plan.window(x, a), plan.axis + 1)
     value_taps = plan.taps(x, fill, a)
     x = value_taps[0]
     for tap in value_taps[1:]:
         x = lax.max(x, tap)
     return x
-
-
-def _nan_max(a, b):
-    return jnp.where(jnp.isnan(a) | (a > b), a, b)
-
-
-def _stacked_max(w, axis: int):
-    """The max of stacked taps along ``axis``, NaN where one is NaN (order keys: every NaN has
-    the top key). Floats reduce with a NaN-propagating comparison, which XLA's CPU compiler
-    fused with the gather of ``w`` more often than ``jnp.max``: float32 (32, 100, 100, 64) ->
-    7x7 12.6 against 50 ms (108 ms with a second reduction for NaN)."""
-    if jnp.issubdtype(w.dtype, jnp.integer):
-        return jnp.max(w, axis=axis)
-    return lax.reduce(w, jnp.asarray(-jnp.inf, w.dtype), _nan_max, (axis,))
 
 
 def max_values(x, aux, plans, fill=None):
@@ -360,29 +328,9 @@ def _stacked_winner(w, axis: int, k: int, keyed: bool):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _stacked_argmax(x, a, plan):
     """:func:`_stacked_stage` whose value's derivative follows the tie rule (higher orders)."""
-    if _gathered(plan):
-        return _gathered_stage(plan.window(x, a), plan.axis + 1, plan.kernel)
+    if gathered(plan):
+        return gathered_stage(plan.window(x, a), plan.axis + 1, plan.kernel)
     return _stacked_stage(_stack(x, plan, a), plan.axis + 1, plan.kernel)
-
-
-def _gathered_stage(w, axis: int, k: int):
-    """Winner along the window axis ``axis`` of gathered taps ``w``: its value and offset from
-    one variadic reduction over ``(value, offset)`` with the tie rule as its comparator
-    (16-bit ``w`` compares its order keys). One pass that XLA fuses with the gather, where
-    :func:`_stacked_stage`'s two wrote ``w`` out: float32 adaptive max 100 -> 7 winners on
-    (32, 100, 100, 64) 65 against 88-103 ms and 5 against 180 MiB of temporaries. ``w`` may
-    hold order keys already; their winner's key is returned."""
-    if is_narrow(w.dtype):
-        key, offset = _gathered_stage(order_key(w), axis, k)
-        return from_key(key, w.dtype), offset
-    dtype = offset_dtype(k)
-    offset = lax.broadcasted_iota(dtype, w.shape, axis)
-    last = jnp.asarray(jnp.iinfo(dtype).max, dtype)  # never a tap's: loses every tie
-    if jnp.issubdtype(w.dtype, jnp.integer):  # keys carry no derivative (higher orders)
-        low = jnp.asarray(jnp.iinfo(w.dtype).min, w.dtype)
-        return lax.reduce((lax.stop_gradient(w), offset), (low, last), key_wins, (axis,))
-    init = (jnp.asarray(-jnp.inf, w.dtype), last)
-    return lax.reduce((w, offset), init, later_wins, (axis,))
 
 
 @_stacked_argmax.defjvp
