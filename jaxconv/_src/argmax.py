@@ -24,7 +24,7 @@ from jaxconv._src.select import (
     max_reduce,
     max_stages,
     max_values,
-    pick,
+    pick_at_winners,
     staged_max_jvp,
 )
 from jaxconv._src.window import AxisPlan, along
@@ -247,7 +247,7 @@ def _max_and_index_folded_jvp(plans, sizes, primals, tangents):
     no_tangent = np.zeros(index.shape, jax.dtypes.float0)
     # 16-bit tangents are picked in float32: overlapping cotangents are summed once
     wide = jnp.float32 if is_narrow(t.dtype) else t.dtype
-    tangent = pick(t.astype(wide), aux, plans, stages)
+    tangent = pick_at_winners(t.astype(wide), aux, plans, stages)
     return (value, index), (tangent.astype(t.dtype), no_tangent)
 
 

@@ -68,7 +68,14 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.batching import all_over_batch
-from jaxconv._src.gathered import gathered, gathered_stage, stacked_max, window_values
+from jaxconv._src.gathered import (
+    flat_pick,
+    flat_pickable,
+    gathered,
+    gathered_stage,
+    stacked_max,
+    window_values,
+)
 from jaxconv._src.joint import joint_max, joint_pick, use_joint
 from jaxconv._src.order import (
     from_key,
@@ -189,6 +196,23 @@ def pick(t, aux, plans, stages):
             continue
         t = _pick_taps(plan.taps(t, jnp.asarray(0, t.dtype), a), offset)
     return t
+
+
+def pick_at_winners(t, aux, plans, stages):
+    """:func:`pick`, but where every plan gathers its winners, on the CPU one gather at their
+    flat positions (:func:`~jaxconv._src.gathered.flat_pick`), whose transpose scatters one
+    term per output, not one per output of every stage: float32 (32, 60, 60, 64) -> 7x7
+    transposed picks 3.0 against 10 ms. GPUs pick per axis: there at most two nonzero terms
+    meet at an element, whose sum does not depend on their order (in 2-D a flat scatter could
+    meet four)."""
+    if not flat_pickable(plans):
+        return pick(t, aux, plans, stages)
+
+    def per_axis(t, *stages):
+        return pick(t, aux, plans, stages)
+
+    flat = functools.partial(flat_pick, plans=plans)
+    return lax.platform_dependent(t, *stages, cpu=flat, default=per_axis)
 
 
 def _pick_taps(taps, offset):
@@ -462,6 +486,8 @@ def staged_max_jvp(x, aux, plans, t):
     for plan, a in zip(reversed(plans), reversed(aux), strict=True):
         x, offset = _axis_stage(x, plan, a)
         stages.append(offset)
+    if flat_pickable(plans):
+        return x, pick_at_winners(t, aux, plans, stages)
     for plan, a, offset in zip(reversed(plans), reversed(aux), stages, strict=True):
         t = _axis_pick(t, plan, a, offset, plan is plans[-1])
     return x, t
