@@ -216,11 +216,11 @@ def test_gpu_16bit_stacked_winners_equal_the_cpu_keys(dtype, k):
     """GPUs, which keep subnormals, reduce 16-bit stacked taps as they are; the CPU reduces
     their order keys. Both give PyTorch's winner (the first maximum, or the last NaN) and its
     value: checked here on the CPU (the GPU test run covers subnormals)."""
-    from jaxconv._src import select
+    from jaxconv._src import stacked
 
     x = _tied((k, 40, 3), dtype, k)
-    gpu = select._stacked_winner(x, 0, k, keyed=False)
-    cpu = select._stacked_winner(x, 0, k, keyed=True)
+    gpu = stacked.stacked_winner(x, 0, k, keyed=False)
+    cpu = stacked.stacked_winner(x, 0, k, keyed=True)
     stacked = np.asarray(x, np.float32)
     nan = np.isnan(stacked)
     last_nan = k - 1 - np.argmax(nan[::-1], axis=0)
@@ -280,11 +280,11 @@ def test_gpu_per_axis_picks_equal_the_cpu_flat_pick(shape, output_size):
     """GPUs pick the tangent at adaptive max winners one axis at a time; the CPU gathers all
     axes at once at the flat positions. Same tangents and cotangents (integer cotangents, so
     the sums are exact in any order), checked here on the CPU."""
-    from jaxconv._src import gathered, select
+    from jaxconv._src import select, stacked
 
     x = _tied(shape, jnp.float32, 3, nan=0.01)
     plans = _adaptive_plans(shape, output_size)
-    assert gathered.flat_pickable(plans)
+    assert stacked.flat_pickable(plans)
     aux = (None,) * len(plans)
     _, stages, _ = select.max_stages(x, aux, plans)
     t = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
@@ -293,7 +293,7 @@ def test_gpu_per_axis_picks_equal_the_cpu_flat_pick(shape, output_size):
         return select.pick(t, aux, plans, stages)
 
     def cpu(t):
-        return gathered.flat_pick(t, *stages, plans=plans)
+        return stacked.flat_pick(t, *stages, plans=plans)
 
     np.testing.assert_array_equal(gpu(t), cpu(t))
     g = jnp.asarray(np.random.default_rng(1).integers(-9, 9, gpu(t).shape), jnp.float32)

@@ -16,7 +16,6 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.cast import CONVERTED_TAPS, tap_groups
-from jaxconv._src.gathered import window_values
 from jaxconv._src.joint import joint_index, joint_max, joint_pick
 from jaxconv._src.order import from_key, is_narrow, lowest_key, order_key, tie_key
 from jaxconv._src.select import (
@@ -27,6 +26,7 @@ from jaxconv._src.select import (
     pick_at_winners,
     staged_max_jvp,
 )
+from jaxconv._src.stacked import window_values
 from jaxconv._src.window import AxisPlan, along
 from jaxconv._src.window_argmax import (
     crop_out,

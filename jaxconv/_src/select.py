@@ -68,14 +68,6 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.batching import all_over_batch
-from jaxconv._src.gathered import (
-    flat_pick,
-    flat_pickable,
-    gathered,
-    gathered_stage,
-    stacked_max,
-    window_values,
-)
 from jaxconv._src.joint import joint_max, joint_pick, use_joint
 from jaxconv._src.order import (
     from_key,
@@ -83,8 +75,16 @@ from jaxconv._src.order import (
     is_narrow,
     lowest_key,
     order_key,
-    signed_key,
     tie_key,
+)
+from jaxconv._src.stacked import (
+    flat_pick,
+    flat_pickable,
+    gathered,
+    gathered_stage,
+    stacked_max,
+    stacked_stage,
+    window_values,
 )
 from jaxconv._src.window import AxisPlan
 from jaxconv._src.window_argmax import (
@@ -200,7 +200,7 @@ def pick(t, aux, plans, stages):
 
 def pick_at_winners(t, aux, plans, stages):
     """:func:`pick`, but where every plan gathers its winners, on the CPU one gather at their
-    flat positions (:func:`~jaxconv._src.gathered.flat_pick`), whose transpose scatters one
+    flat positions (:func:`~jaxconv._src.stacked.flat_pick`), whose transpose scatters one
     term per output, not one per output of every stage: float32 (32, 60, 60, 64) -> 7x7
     transposed picks 3.0 against 10 ms. GPUs pick per axis: there at most two nonzero terms
     meet at an element, whose sum does not depend on their order (in 2-D a flat scatter could
@@ -297,64 +297,13 @@ def _stack(x, plan, a):
     return _blocks(x, plan) if _blocked(plan) else plan.window(x, a)
 
 
-def _stacked_stage(w, axis: int, k: int):
-    """Winner along the window axis ``axis`` of stacked taps ``w``: its value and offset.
-
-    On the CPU float16 and bfloat16 taps compare their order keys (:func:`_stacked_winner`).
-    GPUs do not flush subnormals, so there the 16-bit taps compare as they are: bfloat16
-    adaptive max 224 -> 7 on (32, 224, 224, 64) forward plus backward took 0.49-0.53 ms on an
-    H100 that way (with :func:`~jaxconv._src.argmax.select_max`'s forward likewise), against
-    0.90 ms on keys.
-    """
-    if not is_narrow(w.dtype):
-        return _stacked_winner(w, axis, k, keyed=False)
-    stage = functools.partial(_stacked_winner, axis=axis, k=k)
-    return lax.platform_dependent(
-        w, cpu=functools.partial(stage, keyed=True), default=functools.partial(stage, keyed=False)
-    )
-
-
-def _stacked_winner(w, axis: int, k: int, keyed: bool):
-    """Winner along the window axis ``axis`` of stacked taps ``w``, from two reductions.
-
-    The plain max, then one max over a key that ranks the taps by the tie rule: a NaN tap ``j``
-    ranks ``k + j`` (the last NaN wins), a tap equal to the max ``k - 1 - j`` (the first wins),
-    others ``-1``. Windows holding a NaN are decided by the key alone and their value set to
-    NaN, whatever XLA's CPU max reduction (which may drop a NaN) returned for them; so the max
-    reads ``w`` as it is (masking NaN first made XLA write a masked copy of the input: adaptive
-    max 224 -> 7 on float32 NHWC (32, 224, 224, 64), forward plus backward 48-61 ms against
-    38 ms). The offsets are a stored reduction result, so the tangent's transpose reads them
-    instead of recomputing the winners per input element. The key is int8 where the ranks fit
-    (``k <= 63``): adaptive max 224 -> 7 (32 taps) forward plus backward on (32, 224, 224, 64)
-    float32 35-38 against 44-46 ms with int16 keys, bfloat16 23-24 against 29-33 ms.
-
-    ``keyed`` float16 and bfloat16 taps reduce their :func:`~jaxconv._src.order.signed_key`
-    (NaN is ranked apart), so subnormals compare exactly, where float32 compares on CPU read
-    them as zero (a bfloat16 subnormal stays one in float32).
-    """
-    keys = signed_key(w) if keyed else w
-    top = jnp.max(keys, axis=axis)
-    tie = tie_key if keyed else (lambda v: v)
-    hit = tie(keys) == jnp.expand_dims(tie(top), axis)
-    dtype = jnp.int8 if 2 * k < 127 else jnp.int16 if 2 * k < 32767 else jnp.int32
-    j = lax.broadcasted_iota(dtype, w.shape, axis)
-    rank = jnp.where(
-        jnp.isnan(w), j + jnp.asarray(k, dtype), jnp.where(hit, jnp.asarray(k - 1, dtype) - j, -1)
-    )
-    rank = jnp.max(rank, axis=axis)
-    kk = jnp.asarray(k, dtype)
-    offset = jnp.where(rank >= kk, rank - kk, kk - 1 - rank)
-    top = _from_keys(top, w.dtype) if keyed else top
-    value = jnp.where(rank >= kk, jnp.asarray(jnp.nan, w.dtype), top)
-    return value, offset.astype(offset_dtype(k))
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _stacked_argmax(x, a, plan):
-    """:func:`_stacked_stage` whose value's derivative follows the tie rule (higher orders)."""
+    """The winners of stacked taps (:mod:`jaxconv._src.stacked`), whose value's derivative
+    follows the tie rule (higher orders)."""
     if gathered(plan):
         return gathered_stage(plan.window(x, a), plan.axis + 1, plan.kernel)
-    return _stacked_stage(_stack(x, plan, a), plan.axis + 1, plan.kernel)
+    return stacked_stage(_stack(x, plan, a), plan.axis + 1, plan.kernel)
 
 
 @_stacked_argmax.defjvp
