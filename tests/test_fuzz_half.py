@@ -67,7 +67,7 @@ def specials(c: Common, spatial) -> np.ndarray:
 
 
 def torch_in(x, c: Common, grad=False):
-    t = torch.from_numpy(np.ascontiguousarray(to_torch_layout(x, c.n, c.data_format)))
+    t = torch.from_numpy(np.array(to_torch_layout(x, c.n, c.data_format), order="C"))
     return t.to(TORCH_DTYPES[c.dtype]).requires_grad_(grad)
 
 
