@@ -251,7 +251,7 @@ def _axis_values(x, plan, a, fill):
     """Max along one plan's axis, values only (``lax.max`` propagates NaN)."""
     if use_reduce_window(plan):
         return crop_out(lax.reduce_window(x, fill, lax.max, **window_args(plan, x.ndim)), plan)
-    if window_values(plan):
+    if window_values(plan, x.dtype):
         return stacked_max(plan.window(x, a), plan.axis + 1)
     value_taps = plan.taps(x, fill, a)
     x = value_taps[0]

@@ -7,7 +7,8 @@ Plans with ``gathered_winners`` (adaptive windows of varying lengths,
 :class:`~jaxconv._src.adaptive.StackedAdaptivePlan`) hand :mod:`jaxconv._src.select` their taps
 stacked after the axis by :meth:`window`. Their winners come from one variadic reduction over
 ``(value, offset)`` with PyTorch's tie rule as its comparator, which XLA's CPU compiler fuses with
-the gather; their value alone reduces the stack only beyond ``WINDOW_VALUES_MIN_KERNEL`` taps.
+the gather; their value alone reduces the stack only beyond ``WINDOW_VALUES_MIN_KERNEL`` taps
+(16-bit order keys beyond ``KEY_WINDOW_VALUES_MIN_KERNEL``).
 Their tangent gathers the winners (the plans' ``pick``), on the CPU over all axes at once
 (:func:`flat_pick`).
 """
@@ -28,16 +29,24 @@ def gathered(plan) -> bool:
     return getattr(plan, "gathered_winners", False)
 
 
-# Gathered plans of more taps than this reduce ``window`` for the value alone too. Fewer fold
-# their taps, which XLA's CPU compiler fuses best: float32 (8, 300, 300, 16) -> 7x7 (44 taps)
-# 3.1-4.5 against 21-29 ms, bfloat16 keys of (32, 60, 60, 64) -> 7x7 2.4-3.3 against 18-20 ms;
-# compile time grows with the taps (0.3-0.5 s at 44 in float32, 1.0-1.4 s in bfloat16).
+# Gathered plans of more taps than this reduce ``window`` for the value alone too; fewer fold
+# their taps, whose loops XLA's CPU compiler fuses best for floats, but whose compile time grows
+# with the taps. float32, forward: (8, 300, 300, 16) -> 7x7 (44 taps) 3.1-4.5 against 21-29 ms,
+# (8, 410, 410, 16) -> 7x7 (60 taps) 4.9-5.1 against 61-63 ms, compiled in 0.8-0.9 against
+# 0.3 s; (4, 1000, 1000, 16) -> 7x7 (144 taps) 25 against 187 ms, compiled in 2.4 against
+# 0.35 s. 16-bit order keys reduce their window faster beyond 16 taps: bfloat16 (8, 410, 410,
+# 16) -> 7x7 36-37 against 47-48 ms, compiled in 0.4 against 1.4-1.6 s; (32, 130, 130, 64) ->
+# 4x4 (34 taps) 42 against 77-78 ms.
 WINDOW_VALUES_MIN_KERNEL = 64
+KEY_WINDOW_VALUES_MIN_KERNEL = 16
 
 
-def window_values(plan) -> bool:
-    """Plans whose value alone reduces their ``window``, not their taps."""
-    return gathered(plan) and plan.kernel > WINDOW_VALUES_MIN_KERNEL
+def window_values(plan, dtype) -> bool:
+    """Plans whose value alone reduces their ``window`` of ``dtype`` (integers: order keys),
+    not their taps."""
+    keys = jnp.issubdtype(dtype, jnp.integer)
+    least = KEY_WINDOW_VALUES_MIN_KERNEL if keys else WINDOW_VALUES_MIN_KERNEL
+    return gathered(plan) and plan.kernel > least
 
 
 def _nan_max(a, b):
