@@ -263,6 +263,54 @@ def test_program_size_does_not_grow_with_window(op):
     assert long[1] <= short[1] * 1.25, (short, long)
 
 
+@pytest.mark.parametrize(
+    ("shape", "output_size"),
+    [((0, 13, 11, 2), (5, 4)), ((2, 13, 11, 0), (5, 4)), ((0, 7, 6, 5, 1), (3, 4, 2))],
+    ids=str,
+)
+def test_empty_batch_or_channels_have_empty_gradients(shape, output_size):
+    """Windows of varying lengths on every axis (the winners gathered at flat positions)."""
+    for pool in (jaxconv.adaptive_max_pool, jaxconv.adaptive_avg_pool):
+        y, vjp = jax.vjp(lambda v, p=pool: p(v, output_size), jnp.ones(shape))
+        out = list(shape)
+        out[1 : 1 + len(output_size)] = output_size
+        chex.assert_shape(y, tuple(out))
+        chex.assert_shape(vjp(y)[0], shape)
+
+
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_long_window_of_signed_zeros_gives_plus_zero_or_pytorchs_zero(return_indices):
+    """Windows of 68 taps (the value alone reduces the gathered window) whose maximum is a zero
+    held as +0 and -0: the value alone is +0 or PyTorch's (the first zero's sign), never -0
+    after a first +0, whatever the reduction order; with indices, PyTorch's value and index."""
+    x = np.full((1, 203, 1), -1.0, np.float32)
+    x[0, [3, 70, 140], 0] = 0.0
+    x[0, [4, 71, 141], 0] = -0.0
+    x[0, [69, 139], 0] = -0.0  # the second and third windows start with -0
+    t_value, t_index = F.adaptive_max_pool1d(torch.tensor(x[..., 0]), 3, return_indices=True)
+    got = jaxconv.adaptive_max_pool(x, (3,), return_indices=return_indices)
+    sign = np.signbit(np.asarray(got[0] if return_indices else got)[..., 0])
+    if return_indices:
+        np.testing.assert_array_equal(sign, np.signbit(t_value.numpy()))
+        np.testing.assert_array_equal(got[1][..., 0], t_index.numpy())
+    else:
+        assert not np.any(sign & ~np.signbit(t_value.numpy())), sign
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_program_does_not_grow_with_window(dtype):
+    """The max alone over tiling windows of 100 and 10000 taps (and gathered windows of 68
+    and 6667) has programs of the same size: a fold of 10000 taps compiled for minutes."""
+
+    def size(shape, out):
+        x = jax.ShapeDtypeStruct(shape, dtype)
+        pool = jaxconv.adaptive_max_pool
+        return _count_eqns(jax.make_jaxpr(lambda v: pool(v, out))(x).jaxpr)
+
+    assert size((1, 20000, 2), (2,)) <= size((1, 200, 2), (2,)) * 1.25
+    assert size((1, 20000, 2), (3,)) <= size((1, 203, 2), (3,)) * 1.25
+
+
 GRAD_CASES = [
     ("avg", (12, 7), 1),
     ("avg", (3, 2), 2),  # 9 -> 3 tiles, 7 -> 2 is 4 at step 3: the regular windows' tangent
@@ -311,6 +359,9 @@ MANY_TAPS = [
     ("adaptive_max_pool", (2, 64, 3), {"output_size": (2,)}),  # 1-D, 32 taps
     ("adaptive_max_pool", (1, 34, 4, 5, 2), {"output_size": (2, 2, 1)}),  # 3-D
     ("max_pool", (2, 32, 8, 3), {"window": (16, 2)}),  # tiling max pool window
+    ("max_pool", (2, 250, 3), {"window": (100,)}),  # over 64 taps: one reduce_window
+    ("adaptive_max_pool", (2, 150, 2, 3), {"output_size": (1, 1)}),  # global, 300 taps
+    ("adaptive_max_pool", (2, 203, 3), {"output_size": (3,)}),  # gathered, 68 taps
 ]
 
 

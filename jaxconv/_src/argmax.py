@@ -25,8 +25,8 @@ from jaxconv._src.select import (
     max_values,
     pick_at_winners,
     staged_max_jvp,
+    values_reduced,
 )
-from jaxconv._src.stacked import window_values
 from jaxconv._src.window import AxisPlan, along
 from jaxconv._src.window_argmax import (
     crop_out,
@@ -35,7 +35,6 @@ from jaxconv._src.window_argmax import (
     offset_dtype,
     phase_pick,
     position_dtype,
-    use_reduce_window,
     window_args,
 )
 
@@ -99,7 +98,7 @@ def _key_max(x, aux, plans):
     (32, 224, 224, 64) forward: 7.7-8.4 ms against 14-14.6 ms).
     """
     fill = lowest_key(x.dtype)
-    if joint_path(plans) or use_reduce_window(plans[0]) or window_values(plans[0], jnp.int16):
+    if joint_path(plans) or values_reduced(plans[0], jnp.int16):
         return max_values(order_key(x), aux, plans, fill)
     taps = plans[0].taps(x, jnp.asarray(-jnp.inf, x.dtype), aux[0])
     if len(taps) <= CONVERTED_TAPS:  # one key array (7 -> 1: 0.04-0.06 against 0.08 ms)

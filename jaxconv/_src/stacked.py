@@ -50,7 +50,8 @@ def window_values(plan, dtype) -> bool:
 
 
 def _nan_max(a, b):
-    return jnp.where(jnp.isnan(a) | (a > b), a, b)
+    """The larger of ``a`` and ``b``, NaN if either is, +0 for a -0 and a +0 (in any order)."""
+    return jnp.where(jnp.isnan(a) | (a > b) | ((a == b) & jnp.signbit(b)), a, b)
 
 
 def stacked_max(w, axis: int):
@@ -89,11 +90,16 @@ def flat_pickable(plans) -> bool:
     return len(plans) > 1 and all(gathered(p) for p in plans) and volume <= INT32_MAX
 
 
+def _merge(a, first: int, k: int):
+    """``a`` with its ``k`` axes from ``first`` merged into one (empty arrays included)."""
+    size = math.prod(a.shape[first : first + k])
+    return a.reshape((*a.shape[:first], size, *a.shape[first + k :]))
+
+
 def _take_merged(a, index, first: int, k: int):
     """``a`` at ``index``, flat positions over the ``k`` spatial axes from ``first`` (merged)."""
-    merged = a.reshape((*a.shape[:first], -1, *a.shape[first + k :]))
-    flat = index.reshape((*index.shape[:first], -1, *index.shape[first + k :]))
-    return jnp.take_along_axis(merged, flat, first, mode="clip").reshape(index.shape)
+    flat = _merge(index, first, k)
+    return jnp.take_along_axis(_merge(a, first, k), flat, first, mode="clip").reshape(index.shape)
 
 
 def flat_pick(t, *stages, plans):
