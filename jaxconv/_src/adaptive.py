@@ -129,10 +129,9 @@ class StackedAdaptivePlan(AdaptivePlan):
     winners (:meth:`pick`), so the derivative's program does not grow with the window length:
     (2, 300, 300, 4) -> 7x7 (44 taps) max pooling's gradient compiled in 0.2 against 10.8 s
     with one gather and one scatter per tap, and ran in 3.2 against 10.5 ms. It is faster for
-    few taps too: float32 (32, 56, 56, 64) -> 37x37 (3 taps) forward plus backward 53 against
-    131 ms, 50 -> 9 (7 taps) 12-22 against 48-54 ms, with indices forward 3-4 against 26-32 ms
-    (these with the tangent picked from the stack; gathering the winners took 60 -> 7 from
-    25-28 to 16.5-26 ms, 100 -> 7 from 160 to 107-142 ms).
+    few taps too (float32 NHWC batch 32, 64 channels, forward plus backward, interleaved runs):
+    56 -> 37 (3 taps) 30 against 107 ms, 60 -> 7 (10 taps) 5.6-10 against 51-71 ms, 100 -> 7
+    (16 taps) 90-96 against 191-204 ms; with indices, 50 -> 9 forward 3-4 against 26-32 ms.
 
     A window shorter than ``kernel`` repeats its last element: the repeats never win a tie, and
     a NaN repeat stands for that element (:meth:`position` maps it back).

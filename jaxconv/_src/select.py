@@ -22,7 +22,7 @@ taps as gathers of unique indices, which GPUs pick from instead (see :func:`_pic
 plan may further have ``pick(t, aux, offset)``, its own tangent pick (None where it has none),
 and ``stored_winners``: when true, the winners are found by reductions over ``window`` (below).
 A plan with ``gathered_winners`` true finds its winners and carried offsets by one variadic
-reduction over ``window`` and picks its tangent from ``window``, never tap by tap, so the
+reduction over ``window`` and gathers its tangent at the winners (its ``pick``), so the
 derivative's program does not grow with the window length (long adaptive windows of varying
 lengths); its value alone folds its taps up to ``WINDOW_VALUES_MIN_KERNEL`` taps (16-bit
 order keys: ``KEY_WINDOW_VALUES_MIN_KERNEL``) and reduces ``window`` beyond (see
