@@ -90,7 +90,7 @@ def _ratios(parts, v):
     maximum's ratio is then exactly 1, which ``p = inf`` (traced) needs (``m * (1/m)`` can be
     one unit below 1, and its infinite power 0)."""
     c = _ratio_scale(v)
-    return [_safe_divide(jnp.abs(t) * c, v * c) for t in parts]
+    return [_exact_divide(jnp.abs(t) * c, v * c) for t in parts]
 
 
 def _safe_inverse(v):
@@ -105,6 +105,13 @@ def _safe_divide(a, v):
     for a NaN ``a``: as ``a * _safe_inverse(v)``)."""
     normal = v >= jnp.finfo(v.dtype).tiny
     return jnp.where(normal, a / jnp.where(normal, v, 1), a * 0)
+
+
+def _exact_divide(a, v):
+    """:func:`_safe_divide`, exactly 1 where ``a == v`` (``v`` normal). XLA divides float32 on
+    NVIDIA GPUs with PTX ``div.full``, up to two units off, so ``a / a`` can fall below 1."""
+    one = (v >= jnp.finfo(v.dtype).tiny).astype(v.dtype)
+    return jnp.where(a == v, one, _safe_divide(a, v))
 
 
 def _norm_of(parts, p):
@@ -164,7 +171,7 @@ def _grad_x(x, y, g, p, plans):
     if isinstance(p, float):
         scale, ratio = _safe_inverse(y * c), jnp.multiply
     else:  # a traced p may be inf: the maximum's ratio must be exactly 1, a reciprocal misses it
-        scale, ratio = y * c, _safe_divide
+        scale, ratio = y * c, _exact_divide
 
     def spread(parts, extra):
         (xb,) = extra
