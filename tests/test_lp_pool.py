@@ -158,7 +158,7 @@ def test_gradient_with_respect_to_p_matches_finite_differences():
         np.testing.assert_allclose(grad, fd, rtol=1e-6)
 
 
-@pytest.mark.parametrize("p", [1.0, 2.0, 3.5])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.5, 150.0])
 def test_check_grads_reverse_order_2_static_p(p):
     x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 9, 2)))
     check_grads(jax.jit(_lp(p, (3,), 2, 2, dilation=2, ceil_mode=True)), (x,), 2, modes=["rev"])
@@ -266,6 +266,39 @@ def test_large_p_is_finite_and_close_to_the_max(p):
         jnp.asarray(x), jnp.float32(p)
     )
     chex.assert_tree_all_finite(g)
+
+
+@pytest.mark.parametrize("p", [300.0, 1e5, 1e7, "traced"])
+def test_large_p_gradients_keep_float32_accuracy(p):
+    """float32 gradients over near-tied windows equal the float64 ones to float32 accuracy,
+    although a power of ``|x|/y`` turns each rounding of the ratio into p of them."""
+    rng = np.random.default_rng(13)
+    q = 1e6 if p == "traced" else p
+    base = np.repeat(np.repeat(rng.uniform(0.5, 2.0, (2, 4, 4, 3)), 2, 1), 2, 2)
+    x = base * (1 - rng.uniform(0, 3 / q, base.shape)) * rng.choice([-1.0, 1.0], base.shape)
+    x = x.astype(np.float32)
+    ct = rng.standard_normal((2, 4, 4, 3))
+
+    def loss(x, p):
+        return jnp.sum(jaxconv.lp_pool(x, p, (2, 2), 2) * ct.astype(x.dtype))
+
+    argnums = (0, 1) if p == "traced" else 0
+    ps = (jnp.float32(q), jnp.float64(q)) if p == "traced" else (q, q)
+    g32 = jax.grad(loss, argnums)(jnp.asarray(x), ps[0])
+    g64 = jax.grad(loss, argnums)(jnp.asarray(x, jnp.float64), ps[1])
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g64), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6 * np.max(np.abs(b)))
+
+
+def test_traced_p_inf_shares_the_gradient_among_tied_maxima():
+    """``1/ties`` at each tied maximum of ``|x|``: the limit of the finite-p gradient."""
+    x = jnp.array([[-3.0, 3.0], [1.0, -3.0]]).reshape(1, 2, 2, 1)
+
+    def grad(p):
+        return jax.grad(lambda x: jnp.sum(jaxconv.lp_pool(x, p, (2, 2))))(x)[0, ..., 0]
+
+    np.testing.assert_allclose(grad(jnp.float32(np.inf)), [[-1 / 3, 1 / 3], [0, -1 / 3]])
+    np.testing.assert_allclose(grad(jnp.float32(1e9)), grad(jnp.float32(np.inf)), rtol=1e-6)
 
 
 def test_jit_vmap_over_batch_and_over_p():
