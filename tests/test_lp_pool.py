@@ -158,7 +158,7 @@ def test_gradient_with_respect_to_p_matches_finite_differences():
         np.testing.assert_allclose(grad, fd, rtol=1e-6)
 
 
-@pytest.mark.parametrize("p", [1.0, 2.0, 3.5, 150.0])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.5, 1500.0])
 def test_check_grads_reverse_order_2_static_p(p):
     x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 9, 2)))
     check_grads(jax.jit(_lp(p, (3,), 2, 2, dilation=2, ceil_mode=True)), (x,), 2, modes=["rev"])
@@ -268,7 +268,7 @@ def test_large_p_is_finite_and_close_to_the_max(p):
     chex.assert_tree_all_finite(g)
 
 
-@pytest.mark.parametrize("p", [300.0, 1e5, 1e7, "traced"])
+@pytest.mark.parametrize("p", [2000.0, 1e5, 1e7, "traced"])
 def test_large_p_gradients_keep_float32_accuracy(p):
     """float32 gradients over near-tied windows equal the float64 ones to float32 accuracy,
     although a power of ``|x|/y`` turns each rounding of the ratio into p of them."""

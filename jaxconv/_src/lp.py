@@ -56,12 +56,14 @@ from jaxconv._src.cast import round_to
 from jaxconv._src.window import window_spec
 
 _FNAME = "lp_pool"
-# From this static p on the input gradient takes the log form of lp_logs: the product with a
-# rounded reciprocal of the norm is off by about p/2 units in the last place in each term
-# (float32 relative error 5e-6 at p = 60, 9e-5 at 1000, 9e-3 at 1e5; the log form's is 1e-7
-# to 3e-7 at every p). The log form costs a logarithm and an exponential per term: 3x3
-# stride 2 on float32 (32, 56, 56, 64), forward plus backward 76-79 against 20-22 ms.
-LOG_FORM_MIN_P = 128.0
+# From this static p on (and for a traced p) the norm and its derivatives take the log form of
+# lp_logs: with a rounded reciprocal or ratio each term (|x|/y)^(p-1) is off by about p/2
+# units in the last place (float32 relative error 5e-6 at p = 60, 9e-5 at 1000, 9e-3 at 1e5;
+# the log form's is 1e-7 to 3e-7 at every p). Measured on float32 (32, 56, 56, 64), 3x3
+# stride 2, forward plus backward: a traced p 128-132 ms against 235 before, a static
+# p = 2000 119 against 211 ms; compiled in 1.5-1.7 against 0.5-0.6 s (more logarithms and
+# exponentials inlined). Below it, integer powers are multiplications (p = 20: 20 ms).
+LOG_FORM_MIN_P = 1024.0
 
 
 def _power(r, p):
@@ -96,14 +98,6 @@ def _ratio_scale(v):
     return jnp.where(v > 2.0**e, jnp.asarray(2.0**-e, v.dtype), jnp.asarray(1, v.dtype))
 
 
-def _ratios(parts, v):
-    """``|t| / v`` for each of ``parts`` (0 where ``v`` is below the normal range), divided: the
-    maximum's ratio is then exactly 1, which ``p = inf`` (traced) needs (``m * (1/m)`` can be
-    one unit below 1, and its infinite power 0)."""
-    c = _ratio_scale(v)
-    return [_exact_divide(jnp.abs(t) * c, v * c) for t in parts]
-
-
 def _safe_inverse(v):
     """``1/v`` where ``v`` is at least the smallest normal number, else 0 (NaN-free in every
     derivative order; the inverse of a subnormal ``v`` would overflow to inf)."""
@@ -118,15 +112,9 @@ def _safe_divide(a, v):
     return jnp.where(normal, a / jnp.where(normal, v, 1), a * 0)
 
 
-def _exact_divide(a, v):
-    """:func:`_safe_divide`, exactly 1 where ``a == v`` (``v`` normal). XLA divides float32 on
-    NVIDIA GPUs with PTX ``div.full``, up to two units off, so ``a / a`` can fall below 1."""
-    one = (v >= jnp.finfo(v.dtype).tiny).astype(v.dtype)
-    return jnp.where(a == v, one, _safe_divide(a, v))
-
-
 def _norm_of(parts, p):
-    """The p-norm across ``parts`` (finite ``p``), scaled by their maximum.
+    """The p-norm across ``parts`` (a static ``p`` below ``LOG_FORM_MIN_P``), scaled by their
+    maximum.
 
     A window whose maximum is below the smallest normal number gives 0, on every backend: on
     CPU XLA flushes such subnormals to zero anyway, and elsewhere ``1/m`` would overflow to inf.
@@ -135,14 +123,15 @@ def _norm_of(parts, p):
     if isinstance(p, float) and p == 1.0:
         return functools.reduce(jnp.add, parts)
     m = functools.reduce(jnp.maximum, parts)
-    if isinstance(p, float) and p < 60:
+    if p < 60:
         # Where 1/m would be subnormal, scale by m/4 instead: ratios up to 4, 4^p finite.
         huge = m > 2.0 ** (jnp.finfo(m.dtype).maxexp - 2)
         m = jnp.where(huge, m * 0.25, m)
         inv = _safe_inverse(m)
         s = functools.reduce(jnp.add, [_power(t * inv, p) for t in parts])
-    else:
-        s = functools.reduce(jnp.add, [_power(r, p) for r in _ratios(parts, m)])
+    else:  # ratios divided, so that 4^p cannot overflow
+        c = _ratio_scale(m)
+        s = functools.reduce(jnp.add, [_power(_safe_divide(t * c, m * c), p) for t in parts])
     # An all-zero window (s = 0) gives 0 through a guarded root: the root's derivative is
     # infinite at 0, which made second derivatives NaN. A window holding +-inf has an infinite
     # norm (inf/inf would give NaN).
@@ -156,17 +145,25 @@ def _wide(x):
     return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
 
 
+def _log_form(p) -> bool:
+    return not isinstance(p, float) or p >= LOG_FORM_MIN_P
+
+
 def _box_norm(x, p, plans, store: bool = False):
-    """The p-norm over every box window of ``plans`` (finite ``p``); ``store`` as in
-    :func:`~jaxconv._src.boxmap.box_map`."""
-    return box_map(x, plans, lambda parts, _: _norm_of(parts, p), 0, store=store)
+    """The p-norm over every box window of ``plans`` (finite ``p``) and, in the log form, the
+    window statistics of :func:`~jaxconv._src.lp_logs.window_stats` (else None); ``store`` as
+    in :func:`~jaxconv._src.boxmap.box_map`."""
+    if _log_form(p):
+        stats = lp_logs.window_stats(x, p, plans)
+        return lp_logs.norm(*stats, p), stats
+    return box_map(x, plans, lambda parts, _: _norm_of(parts, p), 0, store=store), None
 
 
 def _box_max(x, plans):
     return box_map(x, plans, lambda parts, _: functools.reduce(jnp.maximum, map(jnp.abs, parts)), 0)
 
 
-def _grad_x(x, y, g, p, plans):
+def _grad_x(x, y, g, p, plans, stats):
     """``sum over windows of g * sign(x) * (|x|/y)^(p-1)``, computed at each input position.
 
     For p = 1 and 2 that is one window sum of an output-shaped array; otherwise each input
@@ -178,8 +175,8 @@ def _grad_x(x, y, g, p, plans):
     if isinstance(p, float) and p == 2.0:
         return _grad_x_p2(x, y, g, plans, sizes)
 
-    if not isinstance(p, float) or p >= LOG_FORM_MIN_P:
-        return lp_logs.grad_x(x, g, p, plans, sizes)
+    if _log_form(p):
+        return lp_logs.grad_x(x, g, p, plans, sizes, stats)
     c = _ratio_scale(y)
     scale = _safe_inverse(y * c)
 
@@ -219,20 +216,20 @@ def _transpose_taps(x, plans, parts):
 # Static p (a Python float): only x is differentiated.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _norm_static(x, plans, p: float):
-    return _box_norm(_wide(x), p, plans)
+    return _box_norm(_wide(x), p, plans)[0]
 
 
 def _norm_static_fwd(x, plans, p):
     # The norm is stored: for 16-bit x, XLA otherwise recomputed the window maxima from x in
     # the output's rounding and in the gradient (p=2 3x3 stride 2 on (32, 56, 56, 64) forward
     # plus backward: float16 10.1 -> 5.8 ms, bfloat16 7.1 -> 6.0 ms; float32 unchanged).
-    y = _box_norm(_wide(x), p, plans, store=True)
-    return y, (x, y)
+    y, stats = _box_norm(_wide(x), p, plans, store=True)
+    return y, (x, y, stats)
 
 
 def _norm_static_bwd(plans, p, res, g):
-    x, y = res
-    return (round_to(_grad_x(_wide(x), y, g, p, plans), x.dtype, False),)
+    x, y, stats = res
+    return (round_to(_grad_x(_wide(x), y, g, p, plans, stats), x.dtype, False),)
 
 
 _norm_static.defvjp(_norm_static_fwd, _norm_static_bwd)
@@ -241,17 +238,19 @@ _norm_static.defvjp(_norm_static_fwd, _norm_static_bwd)
 # Traced p (a scalar array): x and p are differentiated.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _norm_traced(x, p, plans):
-    return _box_norm(x, p, plans)
+    return _box_norm(x, p, plans)[0]
 
 
 def _norm_traced_fwd(x, p, plans):
-    y = _box_norm(x, p, plans)
-    return y, (x, y, p)
+    y, stats = _box_norm(x, p, plans)
+    return y, (x, y, p, stats)
 
 
 def _norm_traced_bwd(plans, res, g):
-    x, y, p = res
-    return _grad_x(x, y, g, p, plans), lp_logs.grad_p(x, y, g, p, plans)
+    x, y, p, stats = res
+    sizes = [plan.size for plan in plans]
+    gx = lp_logs.grad_x(x, g, p, plans, sizes, stats)
+    return gx, lp_logs.grad_p(x, y, g, p, plans, stats)
 
 
 _norm_traced.defvjp(_norm_traced_fwd, _norm_traced_bwd)

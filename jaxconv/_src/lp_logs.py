@@ -20,71 +20,87 @@ import functools
 
 import jax.numpy as jnp
 
-from jaxconv._src.boxmap import adjoint_map, block_of, box_map
+from jaxconv._src.boxmap import adjoint_map, box_taps
 
 
 def _scaled(log_ratio, k):
-    """``k * log_ratio``, 0 where ``log_ratio`` is 0 (also for ``k = inf``)."""
+    """``k * log_ratio``; for a traced ``k``, 0 where ``log_ratio`` is 0 (also for ``k = inf``)."""
+    if isinstance(k, float):
+        return k * log_ratio
     return jnp.where(log_ratio == 0, 0, k * log_ratio)
 
 
-def _log_ratios(a, m):
-    """``log(a/m)`` for ``0 <= a <= m``, and a mask of the terms that count: ``a > 0`` and
-    ``m`` at least the smallest normal number (windows below it give 0). Ratios below the
-    smallest normal number count as it, so the logarithm stays finite (``p = 1`` multiplies it
-    by 0). Inputs outside each branch are replaced before any logarithm, so that no
-    derivative of any order is NaN."""
-    tiny = jnp.finfo(m.dtype).tiny
-    valid = (a > 0) & (m >= tiny)
-    m = jnp.where(valid, m, 1)
-    a = jnp.where(valid, a, 1)
-    near = a >= 0.5 * m
-    close = jnp.log1p((jnp.where(near, a, m) - m) / m)
-    far = jnp.log(jnp.maximum(jnp.where(near, m, a) / m, tiny))
-    return jnp.where(near, close, far), valid
+def _log_ratio(a, m):
+    """``log(a/m)`` for ``0 <= a <= m`` and a normal ``m``: from ``a - m`` (exact) where
+    ``a >= m/2``. Ratios below the smallest normal number count as it, so the logarithm stays
+    finite (``p = 1`` multiplies it by 0); each branch's argument is clamped into its own range,
+    so that no derivative of any order is NaN."""
+    d = (a - m) / m
+    near = d >= -0.5
+    far = jnp.log(jnp.maximum(a / m, jnp.finfo(m.dtype).tiny))
+    return jnp.where(near, jnp.log1p(jnp.maximum(d, -0.5)), far)
 
 
-def _log_sum(parts, p):
-    """Each window's ``m = max |x|`` and ``log S``, from its taps ``parts``."""
-    parts = [jnp.abs(t) for t in parts]
+def _filled_log_ratio(a, m):
+    """:func:`_log_ratio` where windows beyond the edges read ``m = 0`` (and ``g = 0``): their
+    terms are those of ``a = 0`` against ``m = 1``, finite in every derivative."""
+    inside = m > 0
+    return _log_ratio(jnp.where(inside, a, 0), jnp.where(inside, m, 1))
+
+
+def _normal(m):
+    """Where ``m`` is at least the smallest normal number (windows below it give 0), and ``m``
+    there, 1 elsewhere."""
+    normal = m >= jnp.finfo(m.dtype).tiny
+    return normal, jnp.where(normal, m, 1)
+
+
+def window_stats(x, p, plans):
+    """Each window's ``m = max |x|`` and ``log S`` (0 where ``m`` is below the normal range).
+
+    One block over padded taps: split into the interior and the borders as in
+    :func:`~jaxconv._src.boxmap.box_map`, each block would inline its own logarithms and
+    exponentials, and compile time grows with them."""
+    parts = [jnp.abs(t) for t in box_taps(x, plans, 0)]
     m = functools.reduce(jnp.maximum, parts)
-    terms = []
-    for a in parts:
-        log_ratio, valid = _log_ratios(a, m)
-        terms.append(jnp.where(valid, jnp.exp(_scaled(log_ratio, p)), 0))
-    s = functools.reduce(jnp.add, terms)
-    return m, jnp.log(jnp.where(s > 0, s, 1))
+    normal, safe = _normal(m)
+    s = functools.reduce(jnp.add, [jnp.exp(_scaled(_log_ratio(a, safe), p)) for a in parts])
+    return m, jnp.where(normal, jnp.log(s), 0)
 
 
-def grad_x(x, g, p, plans, sizes):
-    """``sum over windows of g * sign(x) * (|x|/y)^(p-1)``, at each input position."""
-    m = box_map(x, plans, lambda parts, _: _log_sum(parts, p)[0], 0)
-    log_s = box_map(x, plans, lambda parts, _: _log_sum(parts, p)[1], 0)
+def norm(m, log_s, p):
+    """The p-norm ``m * S^(1/p)`` from :func:`window_stats`: 0 where ``m`` is below the normal
+    range, infinite where it is, NaN where a window holds NaN."""
+    y = jnp.where(m < jnp.finfo(m.dtype).tiny, 0, m * jnp.exp(log_s / p))
+    return jnp.where(jnp.isinf(m), m, y)
+
+
+def grad_x(x, g, p, plans, sizes, stats):
+    """``sum over windows of g * sign(x) * (|x|/y)^(p-1)``, at each input position, from the
+    windows' ``stats`` (:func:`window_stats`)."""
+    m, log_s = stats
+    normal, m = _normal(m)
+    g = jnp.where(normal, g, 0)
     shift = (1 - 1 / p) * log_s
 
     def spread(parts, extra):
         (xb,) = extra
         a = jnp.abs(xb)
-        terms = []
-        for gt, mt, st in parts:
-            log_ratio, valid = _log_ratios(a, mt)
-            terms.append(jnp.where(valid, gt * jnp.exp(_scaled(log_ratio, p - 1) - st), 0))
+        terms = [
+            gt * jnp.exp(_scaled(_filled_log_ratio(a, mt), p - 1) - st) for gt, mt, st in parts
+        ]
         return jnp.sign(xb) * functools.reduce(jnp.add, terms)
 
     return adjoint_map((g, m, shift), plans, sizes, spread, extras=(x,))
 
 
-def grad_p(x, y, g, p, plans):
-    """``sum over outputs of g * y/p * sum q^p log q`` with ``q = |x|/y``."""
-
-    def per_output(parts, ranges):
-        m, log_s = _log_sum(parts, p)
-        total = jnp.zeros_like(m)
-        for t in parts:
-            log_ratio, valid = _log_ratios(jnp.abs(t), m)
-            log_q = log_ratio - log_s / p
-            term = jnp.exp(_scaled(log_ratio, p) - log_s) * log_q
-            total = total + jnp.where(valid, term, 0)
-        return block_of(g, plans, ranges) * block_of(y, plans, ranges) * total
-
-    return jnp.sum(box_map(x, plans, per_output, 0)) / p
+def grad_p(x, y, g, p, plans, stats):
+    """``sum over outputs of g * y/p * sum q^p log q`` with ``q = |x|/y``, over padded taps
+    in one block (see :func:`window_stats`)."""
+    m, log_s = stats
+    m = _normal(m)[1]
+    total = jnp.zeros_like(m)
+    for t in box_taps(x, plans, 0):
+        log_ratio = _log_ratio(jnp.abs(t), m)
+        total = total + jnp.exp(_scaled(log_ratio, p) - log_s) * (log_ratio - log_s / p)
+    return jnp.sum(g * y * total) / p
