@@ -290,6 +290,21 @@ def test_large_p_gradients_keep_float32_accuracy(p):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6 * np.max(np.abs(b)))
 
 
+def test_traced_p_gradient_beside_an_infinity_is_its_limit():
+    """A window holding inf has norm inf; d/dx is 1 at the infinity and 0 at finite elements
+    (sign(x) for p = 1, where the norm is a sum); NaN propagates."""
+    x = jnp.array([[np.inf, 1.0, -2.0, 0.5], [3.0, 1.0, 0.0, np.nan]]).reshape(1, 2, 4, 1)
+
+    def grad(p):
+        y, vjp = jax.vjp(lambda x: jaxconv.lp_pool(x, p, (2, 2)), x)
+        return vjp(jnp.ones_like(y))[0]
+
+    for p, finite in [(3.0, 0.0), (1.0, 1.0)]:
+        g = grad(jnp.float32(p))[0, ..., 0]
+        np.testing.assert_array_equal(g[:, :2], [[1.0, finite], [finite, finite]])
+        assert np.isnan(g[:, 2:]).all()
+
+
 def test_traced_p_inf_shares_the_gradient_among_tied_maxima():
     """``1/ties`` at each tied maximum of ``|x|``: the limit of the finite-p gradient."""
     x = jnp.array([[-3.0, 3.0], [1.0, -3.0]]).reshape(1, 2, 2, 1)

@@ -41,18 +41,15 @@ def _log_ratio(a, m):
     return jnp.where(near, jnp.log1p(jnp.maximum(d, -0.5)), far)
 
 
-def _filled_log_ratio(a, m):
-    """:func:`_log_ratio` where windows beyond the edges read ``m = 0`` (and ``g = 0``): their
-    terms are those of ``a = 0`` against ``m = 1``, finite in every derivative."""
-    inside = m > 0
-    return _log_ratio(jnp.where(inside, a, 0), jnp.where(inside, m, 1))
-
-
-def _normal(m):
-    """Where ``m`` is at least the smallest normal number (windows below it give 0), and ``m``
-    there, 1 elsewhere."""
-    normal = m >= jnp.finfo(m.dtype).tiny
-    return normal, jnp.where(normal, m, 1)
+def _window_log_ratio(a, m):
+    """:func:`_log_ratio` of an element ``a`` of a window with maximum ``m``. Windows whose
+    maximum is below the normal range (all-zero windows, and those beyond the edges, which
+    read ``m = 0`` and ``g = 0``) count as ``a = 0`` against 1; windows holding an infinity as
+    their infinite elements (1) against 1, the limit of large equal maxima. NaN propagates."""
+    huge = jnp.isinf(m)
+    small = m < jnp.finfo(m.dtype).tiny
+    a = jnp.where(huge, jnp.isinf(a).astype(a.dtype), jnp.where(small, 0, a))
+    return _log_ratio(a, jnp.where(huge | small, 1, m))
 
 
 def window_stats(x, p, plans):
@@ -63,9 +60,8 @@ def window_stats(x, p, plans):
     exponentials, and compile time grows with them."""
     parts = [jnp.abs(t) for t in box_taps(x, plans, 0)]
     m = functools.reduce(jnp.maximum, parts)
-    normal, safe = _normal(m)
-    s = functools.reduce(jnp.add, [jnp.exp(_scaled(_log_ratio(a, safe), p)) for a in parts])
-    return m, jnp.where(normal, jnp.log(s), 0)
+    s = functools.reduce(jnp.add, [jnp.exp(_scaled(_window_log_ratio(a, m), p)) for a in parts])
+    return m, jnp.where(m < jnp.finfo(m.dtype).tiny, 0, jnp.log(s))
 
 
 def norm(m, log_s, p):
@@ -79,15 +75,14 @@ def grad_x(x, g, p, plans, sizes, stats):
     """``sum over windows of g * sign(x) * (|x|/y)^(p-1)``, at each input position, from the
     windows' ``stats`` (:func:`window_stats`)."""
     m, log_s = stats
-    normal, m = _normal(m)
-    g = jnp.where(normal, g, 0)
+    g = jnp.where(m < jnp.finfo(m.dtype).tiny, 0, g)
     shift = (1 - 1 / p) * log_s
 
     def spread(parts, extra):
         (xb,) = extra
         a = jnp.abs(xb)
         terms = [
-            gt * jnp.exp(_scaled(_filled_log_ratio(a, mt), p - 1) - st) for gt, mt, st in parts
+            gt * jnp.exp(_scaled(_window_log_ratio(a, mt), p - 1) - st) for gt, mt, st in parts
         ]
         return jnp.sign(xb) * functools.reduce(jnp.add, terms)
 
@@ -98,9 +93,8 @@ def grad_p(x, y, g, p, plans, stats):
     """``sum over outputs of g * y/p * sum q^p log q`` with ``q = |x|/y``, over padded taps
     in one block (see :func:`window_stats`)."""
     m, log_s = stats
-    m = _normal(m)[1]
     total = jnp.zeros_like(m)
     for t in box_taps(x, plans, 0):
-        log_ratio = _log_ratio(jnp.abs(t), m)
+        log_ratio = _window_log_ratio(jnp.abs(t), m)
         total = total + jnp.exp(_scaled(log_ratio, p) - log_s) * (log_ratio - log_s / p)
     return jnp.sum(g * y * total) / p
