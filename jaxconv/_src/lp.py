@@ -34,9 +34,10 @@ the unscaled ``sqrt(lax.reduce_window(x * x))``, which also overflows for large 
 ``p = inf`` (a Python float) is ``max |x|``; its gradient goes to the first maximum of ``|x|`` in
 row-major window order, as max pooling's does.
 
-A traced ``p``, and a static one of at least ``LOG_FORM_MIN_P``, take the input gradient (and
-``d/dp``) in the log form of :mod:`jaxconv._src.lp_logs`, which keeps float32 accuracy for
-any ``p`` where a rounded ratio raised to the power ``p - 1`` would lose ``p`` units.
+A traced ``p``, and a static one of at least ``LOG_FORM_MIN_P``, take the norm, the input
+gradient and ``d/dp`` in the log form of :mod:`jaxconv._src.lp_logs` (each window's maximum
+and the log of its scaled sum, kept from the forward pass), which keeps float32 accuracy at
+any ``p``, where a rounded ratio raised to the power ``p - 1`` loses about ``p`` units.
 """
 
 import functools
