@@ -520,6 +520,42 @@ def test_short_unstrided_axis_beside_a_strided_one_does_not_crash_the_compiler()
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+WEIGHT_TANGENT_REPRO = """
+import jax, jax.numpy as jnp, numpy as np, torch, jaxconv
+jax.config.update("jax_enable_x64", True)
+rng = np.random.default_rng(0)
+cases = [  # (y channels_last, w (*k, out, in)) and keywords: an axis with stride 1, dilation 2
+    ((2, 5, 1), (4, 3, 1, 1), dict(padding=(1, 0), dilation=(2, 1))),  # and 2 outputs
+    ((2, 5, 1), (3, 2, 2, 1), dict(stride=(1, 2), padding=(1, 2), output_padding=(0, 1),
+                                   dilation=(2, 3))),
+]
+for y_shape, w_shape, kw in cases:
+    y, w, tw = (rng.standard_normal(s) for s in (y_shape, w_shape, w_shape))
+    f = lambda w: jaxconv.conv_transpose(jnp.asarray(y), w, **kw)
+    _, tangent = jax.jvp(f, (jnp.asarray(w),), (jnp.asarray(tw),))
+    hvp = jax.grad(lambda w: (jax.grad(lambda w: (f(w) ** 2).sum())(w) ** 2).sum())(w)
+    ty = torch.tensor(y.transpose(2, 0, 1)[None])
+    tws = [torch.tensor(np.ascontiguousarray(a.transpose(3, 2, 0, 1)), requires_grad=True)
+           for a in (w, tw)]
+    tf = lambda w: torch.nn.functional.conv_transpose2d(ty, w, **kw)
+    _, t_tangent = torch.autograd.functional.jvp(tf, tws[0], tws[1])
+    g = torch.autograd.grad((tf(tws[0]) ** 2).sum(), tws[0], create_graph=True)[0]
+    (t_hvp,) = torch.autograd.grad((g ** 2).sum(), tws[0])
+    np.testing.assert_allclose(np.asarray(tangent), t_tangent[0].numpy().transpose(1, 2, 0),
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(hvp), t_hvp.numpy().transpose(2, 3, 1, 0), rtol=1e-10)
+"""
+
+
+def test_weight_tangent_of_a_short_dilated_axis_does_not_crash_the_compiler():
+    """conv_transpose's forward-mode weight derivative, and its gradient of a gradient, on an
+    axis with stride 1, dilation 2 and 2 convolution outputs, against PyTorch."""
+    result = subprocess.run(
+        [sys.executable, "-c", WEIGHT_TANGENT_REPRO], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def _half_specials(shape, dtype, seed):
     """Random values in ``dtype`` with NaN of both signs, +-inf, +-0, the largest finite values,
     ties and the smallest subnormals."""

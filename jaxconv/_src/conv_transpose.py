@@ -207,10 +207,11 @@ def _adjoint_conv(yb, w, geo: _Transposed):
 
 
 def _weight_tangent(yb, w, tw, geo: _Transposed, out_shape):
+    lay = geo.lay
+    kw = dict(stride=geo.stride, padding=geo.pads, dilation=geo.dilation, groups=geo.groups)
+    kw.update(data_format=lay.data_format, precision=geo.precision)
+
     def conv_weight_vjp(g):  # g -> d<yb, conv(g, w)>/dw, linear in g
-        lay = geo.lay
-        kw = dict(stride=geo.stride, padding=geo.pads, dilation=geo.dilation, groups=geo.groups)
-        kw.update(data_format=lay.data_format, precision=geo.precision)
         out, pullback = jax.vjp(lambda w: conv(g, w, **kw), w)
         # With output_padding >= stride (dilated kernels) the convolution has outputs past y's
         # end, which the transposed convolution leaves out: y is zero there.
@@ -219,11 +220,28 @@ def _weight_tangent(yb, w, tw, geo: _Transposed, out_shape):
             config[axis] = (0, out.shape[axis] - yb.shape[axis], 0)
         return pullback(lax.pad(yb, jnp.zeros((), yb.dtype), config))[0]
 
-    def cpu(tw):
-        shape = jax.ShapeDtypeStruct(out_shape, yb.dtype)
-        return jax.linear_transpose(conv_weight_vjp, shape)(tw)[0]
+    g_spec = jax.ShapeDtypeStruct(out_shape, yb.dtype)
 
-    return lax.platform_dependent(tw, cpu=cpu, default=lambda tw: _dilated_conv(yb, tw, geo))
+    def cpu(tw):
+        return jax.linear_transpose(conv_weight_vjp, g_spec)(tw)[0]
+
+    def xla_form(tw):
+        return _dilated_conv(yb, tw, geo)
+
+    conv_shape = jax.eval_shape(lambda g: conv(g, w, **kw), g_spec).shape
+    if _group_window_tangent(geo, conv_shape):
+        return xla_form(tw)
+    return lax.platform_dependent(tw, cpu=cpu, default=xla_form)
+
+
+def _group_window_tangent(geo: _Transposed, conv_shape) -> bool:
+    """Whether the transpose of ``conv_weight_vjp`` has an axis of the form XLA's CPU compiler
+    aborts on (:mod:`jaxconv._src.conv_workarounds`): its window is the convolution's output
+    length, its base dilation the dilation, so an axis with stride 1, dilation 2 and 2 outputs.
+    Such tiny axes take XLA's own form, whose weight derivative is a window-dilated
+    convolution."""
+    axes = zip(geo.lay.spatial_axes, geo.stride, geo.dilation, strict=True)
+    return any(s == 1 and d == 2 and conv_shape[a] == 2 for a, s, d in axes)
 
 
 def _adjoint_conv_jvp(geo, primals, tangents):
