@@ -135,6 +135,8 @@ CASES = [
     case("conv_output_size", "kernel", 5, "3", n_arrays=0, id="out-kernel-str"),
     case("conv_output_size", "stride", 5, 3, stride=-1, n_arrays=0, id="out-stride-neg"),
     case("conv_output_size", "padding", (5, 5), 3, padding=((1, 1),), n_arrays=0, id="out-pairs"),
+    case("conv_output_size", "ceil_mode", 5, 2, ceil_mode="no", n_arrays=0, id="out-ceil-str"),
+    case("conv", "padding", X[:, 0], W[0], padding=(1, 2), n_arrays=2, id="conv-1d-bare-pair"),
     case("conv_output_size", "window|kernel|padding", 2, 5, n_arrays=0, id="out-window-large"),
     case("conv_transpose_output_size", "padding", 5, 3, padding="HALF", n_arrays=0, id="cto-half"),
     case("conv_transpose_output_size", "output_padding", 5, 3, output_padding=1, n_arrays=0),

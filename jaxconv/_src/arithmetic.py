@@ -10,7 +10,7 @@ The seed's formula ``O = floor((I + 2P - K) / S) + 1`` generalised to asymmetric
 from collections.abc import Sequence
 from typing import Any
 
-from jaxconv._src.args import is_int, per_axis
+from jaxconv._src.args import check_bool, is_int, per_axis
 
 PADDING_STRINGS = ("VALID", "SAME", "FULL")
 
@@ -79,6 +79,11 @@ def resolve_padding(
         raise TypeError(
             f"{fname}: `padding` must be an int, {n} ints, {n} (lo, hi) pairs or one of "
             f"{allowed}, got {padding!r}."
+        )
+    if n == 1 and isinstance(padding, Sequence) and len(padding) == 2:
+        raise ValueError(
+            f"{fname}: `padding` must be an int, 1 int or 1 (lo, hi) pair for 1 spatial axis, "
+            f"got {padding!r}; for low and high padding on that axis write ({padding!r},)."
         )
     return tuple((p, p) for p in per_axis(fname, "padding", padding, n, minimum=0))
 
@@ -152,7 +157,7 @@ def conv_output_size(
         fname, padding, n, kernel=k, stride=s, dilation=d, in_sizes=sizes, allowed=PADDING_STRINGS
     )
     out = tuple(
-        pool_output_size_1d(fname, *a, bool(ceil_mode))
+        pool_output_size_1d(fname, *a, check_bool(fname, "ceil_mode", ceil_mode))
         for a in zip(sizes, k, s, pads, d, strict=True)
     )
     return out[0] if scalar else out
