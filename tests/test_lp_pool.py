@@ -305,6 +305,19 @@ def test_traced_p_gradient_beside_an_infinity_is_its_limit():
         assert np.isnan(g[:, 2:]).all()
 
 
+@pytest.mark.parametrize("p", [2.0, 3.0, 8.0, 100.0, 2000.0])
+def test_static_p_gradient_beside_an_infinity_and_in_a_nan_window(p):
+    """Finite elements of a window holding inf get a zero gradient, and every element of a
+    window holding NaN gets NaN (the norm is NaN there), as with a traced ``p``. The infinity
+    itself gets the limit 1 from the log form (p >= 1024); below, NaN (README, Known limits)."""
+    x = jnp.array([[np.inf, 1.0, -2.0, 0.5], [3.0, 1.0, 0.0, np.nan]]).reshape(1, 2, 4, 1)
+    y, vjp = jax.vjp(lambda x: jaxconv.lp_pool(x, p, (2, 2)), x)
+    g = vjp(jnp.ones_like(y))[0][0, ..., 0]
+    np.testing.assert_array_equal(g[:, :2].ravel()[1:], [0.0, 0.0, 0.0])
+    assert np.isnan(g[:, 2:]).all()
+    assert g[0, 0] == 1.0 if p >= 1024 else np.isnan(g[0, 0])
+
+
 def test_traced_p_inf_shares_the_gradient_among_tied_maxima():
     """``1/ties`` at each tied maximum of ``|x|``: the limit of the finite-p gradient."""
     x = jnp.array([[-3.0, 3.0], [1.0, -3.0]]).reshape(1, 2, 2, 1)

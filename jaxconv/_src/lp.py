@@ -106,6 +106,13 @@ def _safe_inverse(v):
     return jnp.where(normal, 1 / jnp.where(normal, v, 1), 0)
 
 
+def _ratio_inverse(y, c):
+    """``1/(y * c)`` for the gradient's ratios ``(|x| * c) * (1/(y * c))``: 0 where ``y`` is
+    below the normal range or infinite (so finite elements of a window holding an infinity get
+    0), NaN where ``y`` is NaN (NaN at every element of the window, as in the log form)."""
+    return jnp.where(jnp.isnan(y), y, _safe_inverse(y * c))
+
+
 def _safe_divide(a, v):
     """``a / v`` where ``v`` is at least the smallest normal number, else ``a * 0`` (0, or NaN
     for a NaN ``a``: as ``a * _safe_inverse(v)``)."""
@@ -179,7 +186,7 @@ def _grad_x(x, y, g, p, plans, stats):
     if _log_form(p):
         return lp_logs.grad_x(x, g, p, plans, sizes, stats)
     c = _ratio_scale(y)
-    scale = _safe_inverse(y * c)
+    scale = _ratio_inverse(y, c)
 
     def spread(parts, extra):
         (xb,) = extra
@@ -198,7 +205,7 @@ def _grad_x_p2(x, y, g, plans, sizes):
     costs a quarter: float32 NHWC (32, 56, 56, 64) 3x3 stride 2 forward plus backward 13.3-14.4
     against 10.7-10.9 ms for ``x * S^T(g / y)`` (bfloat16 16.2-16.6 against 14.3-15.2 ms)."""
     c = _ratio_scale(y)
-    h = g * _safe_inverse(y * c)
+    h = g * _ratio_inverse(y, c)
 
     def spread(parts, extra):
         (xb,) = extra
@@ -362,7 +369,10 @@ def lp_pool(
     Returns:
       The pooled array, shape ``x.shape`` with the spatial sizes of
       :func:`jaxconv.conv_output_size`, dtype ``x.dtype``. float16 and bfloat16 are computed in
-      float32.
+      float32. A window holding ``+-inf`` gives ``inf``, and its finite elements a zero
+      gradient; the infinity itself gets ``sign(x)`` from a traced ``p`` or one of at least
+      1024, NaN from a smaller static ``p`` (other than 1). A window holding NaN gives NaN and
+      NaN gradients.
 
     Transformations: ``jit``, ``vmap``, ``grad``/``vjp`` with respect to ``x`` and a traced
     ``p``, reverse-over-reverse (``grad`` of ``grad``, ``jacrev`` of ``jacrev``) and
