@@ -151,7 +151,6 @@ SCALAR_ALL_REDUCE = {
     "avg_pool global",
     "adaptive_avg_pool uneven",
     "adaptive_avg_pool global",
-    "fractional_max_pool",
     "fractional_max_pool integer alpha",
 }
 LOCAL = [
@@ -162,6 +161,7 @@ LOCAL = [
     "lp_pool traced p",
     "adaptive_max_pool",
     "adaptive_avg_pool",
+    "fractional_max_pool",
     "max_unpool",
     "conv",
     "conv_transpose",

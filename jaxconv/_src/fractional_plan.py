@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src.batching import all_over_batch
 from jaxconv._src.window import AxisPlan, along
 from jaxconv._src.window_argmax import phase_pick
 
@@ -161,15 +160,17 @@ class FractionalPlan:
         lo = self._bases() - 1
         base = jnp.asarray(along(lo, self.axis, offset.ndim), jnp.int32)
         first = self._spread(aux[0], offset.ndim) - base  # the start's place in the band: 0..3
-        inside = all_over_batch(jnp.all((first >= 0) & (first <= 3)))
 
-        # Both conds hold by band_holds and never take their other branch; as conditionals
-        # they are stored results, which XLA's CPU compiler otherwise fuses into their users:
-        # it recomputed the winners for every use of ``rel`` and, in reverse mode, one axis's
-        # gathers for every element of the next (forward plus backward 67 -> 34 ms above).
-        # The last axis's tangent is the input's: its cond would only copy the gradient out
-        # (25.6 against 26.6 ms, 2-D 0.7 ratio). One predicate for a whole vmap batch keeps
-        # them conditionals there too, which reverse mode can transpose.
+        # band_holds puts every start in the band, so both conds take their first branch;
+        # as conditionals they are stored results, which XLA's CPU compiler otherwise fuses
+        # into their users: it recomputed the winners for every use of ``rel`` and, in reverse
+        # mode, one axis's gathers for every element of the next (forward plus backward 67 ->
+        # 34 ms above). The last axis's tangent is the input's: its cond would only copy the
+        # gradient out (25.6 against 26.6 ms, 2-D 0.7 ratio). The predicate is a constant
+        # that XLA cannot see through: no check over the batch, which vmap would batch (a
+        # select, whose guard reverse mode cannot transpose) and sharding would all-reduce.
+        inside = lax.optimization_barrier(jnp.asarray(True))
+
         def band_place(first, offset):
             return first.astype(jnp.int8) + offset.astype(jnp.int8)
 
