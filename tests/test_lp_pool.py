@@ -318,6 +318,25 @@ def test_static_p_gradient_beside_an_infinity_and_in_a_nan_window(p):
     assert g[0, 0] == 1.0 if p >= 1024 else np.isnan(g[0, 0])
 
 
+@pytest.mark.parametrize("p", ["traced", 1e39])
+def test_second_derivatives_at_an_infinite_p_equal_the_static_inf(p):
+    """A traced ``p = inf``, or a static ``p`` beyond float32's range, takes the log form,
+    whose exponents multiply by ``p``: the Hessian and grad of grad stay finite and equal
+    the static ``p = inf``'s (max pooling of ``|x|``: 0 for the norm, 2 on the diagonal of
+    its square at the maxima)."""
+    x = jnp.array([-0.37, 0.99, 0.42, -0.62]).reshape(1, 4, 1)
+
+    def loss(v, q):
+        return jnp.sum(jaxconv.lp_pool(v, q, (2,)) ** 2)
+
+    q = jnp.float32(np.inf) if p == "traced" else p
+    expected = jax.hessian(loss)(x, float("inf")).reshape(4, 4)
+    np.testing.assert_array_equal(jax.hessian(loss)(x, q).reshape(4, 4), expected)
+    np.testing.assert_array_equal(np.diag(expected), [0, 2, 0, 2])
+    twice = jax.grad(lambda v: jnp.sum(jax.grad(loss)(v, q)))(x)
+    np.testing.assert_array_equal(twice.ravel(), [0, 2, 0, 2])
+
+
 def test_traced_p_inf_shares_the_gradient_among_tied_maxima():
     """``1/ties`` at each tied maximum of ``|x|``: the limit of the finite-p gradient."""
     x = jnp.array([[-3.0, 3.0], [1.0, -3.0]]).reshape(1, 2, 2, 1)

@@ -371,8 +371,11 @@ def lp_pool(
       :func:`jaxconv.conv_output_size`, dtype ``x.dtype``. float16 and bfloat16 are computed in
       float32. A window holding ``+-inf`` gives ``inf``, and its finite elements a zero
       gradient; the infinity itself gets ``sign(x)`` from a traced ``p`` or one of at least
-      1024, NaN from a smaller static ``p`` (other than 1). A window holding NaN gives NaN and
-      NaN gradients.
+      1024, NaN from a smaller static ``p`` (other than 1). A norm of finite elements that
+      exceeds the dtype's range is ``inf`` too; its gradient is the true one in the log form
+      (a traced ``p`` or one of at least 1024), 0 with a smaller static ``p``. A window
+      holding NaN gives NaN and NaN gradients; for ``p = 1`` (a sum, whose gradient is
+      ``sign(x)`` at every element) only the NaN element's.
 
     Transformations: ``jit``, ``vmap``, ``grad``/``vjp`` with respect to ``x`` and a traced
     ``p``, reverse-over-reverse (``grad`` of ``grad``, ``jacrev`` of ``jacrev``) and

@@ -22,12 +22,23 @@ import jax.numpy as jnp
 
 from jaxconv._src.boxmap import adjoint_map, box_taps
 
+# exp(-_EXP_ZERO) is 0 in float32 and float64: products below it are clamped there
+_EXP_ZERO = 1000.0
+
 
 def _scaled(log_ratio, k):
-    """``k * log_ratio``; for a traced ``k``, 0 where ``log_ratio`` is 0 (also for ``k = inf``)."""
-    if isinstance(k, float):
-        return k * log_ratio
-    return jnp.where(log_ratio == 0, 0, k * log_ratio)
+    """``k * log_ratio`` for ``log_ratio <= 0``, as the exponent of a term, with every
+    derivative finite: 0 where ``log_ratio`` is 0 (also for ``k = inf``), at least
+    ``-_EXP_ZERO`` (whose ``exp`` is 0 as well), and an infinite ``k`` (a traced ``p = inf``,
+    or a static ``p`` beyond the dtype's range) taken as the largest finite number. Reverse
+    mode multiplies the cotangents by ``k``, and forward mode the tangents of ``log_ratio``,
+    which are large beside tiny elements: ``0 * inf`` made second derivatives NaN."""
+    big = float(jnp.finfo(log_ratio.dtype).max)
+    k = min(k, big) if isinstance(k, float) else jnp.minimum(k, big)
+    product = k * log_ratio
+    # a select (NaN kept), not jnp.maximum, whose derivative multiplies the other side's by 0
+    product = jnp.where(product < -_EXP_ZERO, -_EXP_ZERO, product)
+    return jnp.where(log_ratio == 0, 0, product)
 
 
 def _log_ratio(a, m):
