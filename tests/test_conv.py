@@ -331,6 +331,40 @@ def test_padding_beyond_the_kernel_span_has_the_right_gradient(groups, padding):
     np.testing.assert_allclose(dw, tw.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
 
 
+def _torch_transpose_cropped(y, w, padding, tangent=None):
+    """PyTorch's unpadded 2-D transposed convolution (stride 1) with ``(lo, hi)`` cropped off each
+    axis: the adjoint of a convolution with that asymmetric padding (NHWC, HWIO)."""
+    ty = torch.tensor(y.transpose(0, 3, 1, 2), dtype=torch.float64)
+    full = F.conv_transpose2d(ty, torch.tensor(w.transpose(3, 2, 0, 1), dtype=torch.float64))
+    (h_lo, h_hi), (w_lo, w_hi) = padding
+    full = full[:, :, h_lo : full.shape[2] - h_hi, w_lo : full.shape[3] - w_hi]
+    return full.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("batch, c_in", [(1, 1), (1, 3), (2, 1), (2, 3)])
+@pytest.mark.parametrize("padding", [((2, 0), (2, 0)), ((2, 0), (1, 1)), ((1, 2), (2, 0))])
+def test_transpose_padding_beyond_the_kernel_span_on_one_side(batch, c_in, padding):
+    """A (lo, hi) padding beyond the kernel's span on one side gives the adjoint's dilated
+    convolution a negative padding there, which XLA's CPU convolution computed from
+    uninitialised memory (errors up to 1e24 beside a positive padding on the other side);
+    jaxconv crops the output instead. Forward, input tangent and weight gradient."""
+    rng = np.random.default_rng(batch * 10 + c_in)
+    y = rng.standard_normal((batch, 4, 5, 2)).astype(np.float32)
+    w = rng.standard_normal((2, 2, c_in, 2)).astype(np.float32)
+    fn = jax.jit(lambda y, w: conv_transpose(y, w, padding=padding))
+    want = _torch_transpose_cropped(y, w, padding)
+    np.testing.assert_allclose(fn(y, w), want, rtol=1e-5, atol=1e-5)
+    ty, tw = rng.standard_normal(y.shape), rng.standard_normal(w.shape)
+    ty, tw = ty.astype(np.float32), tw.astype(np.float32)
+    tangent = jax.jvp(fn, (y, w), (ty, tw))[1]
+    want_t = _torch_transpose_cropped(ty, w, padding) + _torch_transpose_cropped(y, tw, padding)
+    np.testing.assert_allclose(tangent, want_t, rtol=1e-5, atol=1e-4)
+    g = rng.standard_normal(want.shape).astype(np.float32)
+    gw = jax.vjp(fn, y, w)[1](jnp.asarray(g))[1]  # <gw, tw> = <transpose(y, tw), g>
+    want_w = np.vdot(_torch_transpose_cropped(y, tw, padding), g)
+    np.testing.assert_allclose(np.vdot(np.asarray(gw, np.float64), tw), want_w, rtol=1e-4)
+
+
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c['n']}d-{c['data_format']}")
 def test_conv_check_grads(case):
     case = dict(case)

@@ -28,7 +28,7 @@ from jaxconv._src.conv import (
     _restore_batch,
     conv,
 )
-from jaxconv._src.conv_workarounds import avoid_group_window, crop_low
+from jaxconv._src.conv_workarounds import adjoint_padding, crop
 from jaxconv._src.grouped import grouped_conv, split_groups
 
 
@@ -148,8 +148,8 @@ def conv_transpose(
     output_padding = per_axis(fname, "output_padding", output_padding, lay.n, minimum=0)
     tpads, pads = _transpose_geometry(fname, lay, padding, stride, dilation, output_padding)
     yb = _one_batch_axis(y, lay.batch_shape)
-    tpads, crop = avoid_group_window(tpads, lay, stride, dilation)
-    geometry = _Transposed(lay, stride, dilation, pads, tpads, tuple(crop), groups, precision)
+    tpads, crops = adjoint_padding(tpads, lay, stride, dilation)
+    geometry = _Transposed(lay, stride, dilation, pads, tpads, crops, groups, precision)
     out = _adjoint_conv(yb, w, geometry)
     out = _add_bias(out, bias, lay.channel_axis)
     return _restore_batch(out, lay.batch_shape)
@@ -163,7 +163,7 @@ class _Transposed(NamedTuple):
     dilation: tuple[int, ...]
     pads: tuple[tuple[int, int], ...]  # the convolution's
     tpads: tuple[tuple[int, int], ...]  # the dilated convolution's
-    crop: tuple[int, ...]
+    crop: tuple[tuple[int, int], ...]  # of the dilated convolution's output
     groups: int
     precision: Any
 
@@ -188,7 +188,7 @@ def _dilated_conv(yb, w, geo: _Transposed):
         out = grouped_conv(yb, wt, geo.groups, (lay.channel_axis, w_out_axis), xla_conv)
     else:
         out = xla_conv(yb, wt)
-    return crop_low(out, lay.spatial_axes, geo.crop)
+    return crop(out, lay.spatial_axes, geo.crop)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

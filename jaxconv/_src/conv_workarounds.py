@@ -47,19 +47,36 @@ def pad_explicitly(x, lay, stride, pads, dilation):
     )
 
 
-def avoid_group_window(tpads, lay, stride, dilation):
-    """One more output on the low side of axes whose adjoint convolution would have the
-    group-axis form (kernel 2, stride 2, padding 0 on both sides); it is cropped off again."""
+def adjoint_padding(tpads, lay, stride, dilation):
+    """The padding of ``conv_transpose``'s input-dilated convolution, clear of both bugs, and the
+    ``(lo, hi)`` crops of its output that make up the difference.
+
+    - Negative padding (the convolution's padding beyond the kernel's span on that side): XLA's
+      CPU convolution reads uninitialised memory with a negative low padding (raw ``lax``: y
+      ``(1, 4, 5, 2)``, a 2x2 kernel, padding ``((-1, 1), (-1, 1))``, errors up to 1e24). The
+      convolution has stride 1, so dropping input from an edge drops as many outputs there:
+      the padding is raised to 0 and the output cropped instead.
+    - The group-axis form (kernel 2, stride 2, padding 0 on both sides): one more output on the
+      low side, cropped off again.
+    """
     risky = _group_window_axes(stride, dilation, lay.kernel)
-    crop = [int(r and tuple(p) == (0, 0)) for r, p in zip(risky, tpads, strict=True)]
-    return tuple((lo + c, hi) for c, (lo, hi) in zip(crop, tpads, strict=True)), crop
+    pads, crops = [], []
+    for r, (lo, hi) in zip(risky, tpads, strict=True):
+        crop = [max(0, -lo), max(0, -hi)]
+        lo, hi = max(0, lo), max(0, hi)
+        if r and (lo, hi) == (0, 0):
+            lo, crop[0] = 1, crop[0] + 1
+        pads.append((lo, hi))
+        crops.append(tuple(crop))
+    return tuple(pads), tuple(crops)
 
 
-def crop_low(x, axes, amounts):
-    """``x`` without the first ``amounts`` entries of ``axes``."""
-    if not any(amounts):
+def crop(x, axes, amounts):
+    """``x`` without the first ``lo`` and the last ``hi`` entries of each of ``axes``, for the
+    ``(lo, hi)`` pairs ``amounts``."""
+    if not any(lo or hi for lo, hi in amounts):
         return x
-    start = [0] * x.ndim
-    for axis, amount in zip(axes, amounts, strict=True):
-        start[axis] = amount
-    return lax.slice(x, start, x.shape)
+    start, stop = [0] * x.ndim, list(x.shape)
+    for axis, (lo, hi) in zip(axes, amounts, strict=True):
+        start[axis], stop[axis] = lo, x.shape[axis] - hi
+    return lax.slice(x, start, stop)
