@@ -64,8 +64,8 @@ def _conv_variables(module: nn.Module, x: jax.Array, *, transpose: bool):
         transpose=transpose,
         names=("the channel count of `x`", "`features`"),
     )
-    init = module.kernel_init or layers.default_kernel_init(
-        module.data_format, transpose=transpose, groups=module.groups
+    init = layers.kernel_init(
+        module.kernel_init, module.data_format, transpose=transpose, groups=module.groups
     )
     layers.check_dtypes(fname, module.dtype, module.param_dtype)
     kernel = module.param("kernel", init, shape, module.param_dtype)
@@ -87,7 +87,9 @@ class Conv(nn.Module):
         dtype: computation dtype (default: promoted from the input and the parameters).
         param_dtype: parameter dtype.
         kernel_init, bias_init: initialisers; ``None`` kernel_init is LeCun normal with the fan-in
-            over the kernel and the input channels (Flax's default).
+            over the kernel and the input channels (Flax's default). ``kernel_init`` is called
+            with the channels_last shape ``(*kernel_size, C_in // groups, C_out)``, the layout
+            Flax's initialisers assume, and its result transposed for channels_first.
 
     Input ``(*batch, *spatial, C_in)`` (channels_last) or ``(*batch, C_in, *spatial)``; the
     ``"kernel"`` parameter is ``(*kernel_size, C_in // groups, C_out)`` or ``(C_out,
@@ -134,7 +136,8 @@ class ConvTranspose(nn.Module):
     ``padding_mode``. The ``"kernel"`` parameter is the one of the convolution it is the adjoint
     of: ``(*kernel_size, C_out // groups, C_in)`` channels_last, ``(C_in, C_out // groups,
     *kernel_size)`` channels_first (PyTorch's ``ConvTranspose`` weight layout); the default
-    initialiser takes its fan-in over the kernel and ``C_in // groups``.
+    initialiser takes its fan-in over the kernel and ``C_in // groups``, and a ``kernel_init``
+    is called with the channels_last shape in either layout.
     """
 
     features: int

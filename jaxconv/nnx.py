@@ -65,8 +65,8 @@ class _ConvBase(nnx.Module):
             data_format,
             transpose=self._transpose,
         )
-        init = opts["kernel_init"] or layers.default_kernel_init(
-            data_format, transpose=self._transpose, groups=groups
+        init = layers.kernel_init(
+            opts["kernel_init"], data_format, transpose=self._transpose, groups=groups
         )
         use_bias = check_bool(fname, "use_bias", opts["use_bias"])
         layers.check_dtypes(fname, opts["dtype"], opts["param_dtype"])
@@ -104,7 +104,9 @@ class Conv(_ConvBase):
         dtype: computation dtype (default: promoted from the input and the parameters).
         param_dtype: parameter dtype.
         kernel_init, bias_init: initialisers; ``None`` kernel_init is LeCun normal with the fan-in
-            over the kernel and the input channels (Flax's default).
+            over the kernel and the input channels (Flax's default). ``kernel_init`` is called
+            with the channels_last shape ``(*kernel_size, C_in // groups, C_out)``, the layout
+            Flax's initialisers assume, and its result transposed for channels_first.
         rngs: the ``params`` stream initialises the kernel and bias.
 
     The ``kernel`` is ``(*kernel_size, C_in // groups, C_out)`` (channels_last) or ``(C_out,
@@ -168,7 +170,8 @@ class ConvTranspose(_ConvBase):
     ``padding_mode``. The ``kernel`` is the one of the convolution it is the adjoint of:
     ``(*kernel_size, C_out // groups, C_in)`` channels_last, ``(C_in, C_out // groups,
     *kernel_size)`` channels_first (PyTorch's ``ConvTranspose`` weight layout); the default
-    initialiser takes its fan-in over the kernel and ``C_in // groups``.
+    initialiser takes its fan-in over the kernel and ``C_in // groups``, and a ``kernel_init``
+    is called with the channels_last shape in either layout.
     """
 
     _transpose = True

@@ -125,6 +125,19 @@ def test_default_kernel_init_is_lecun_normal_over_the_input_features(layer, in_f
     assert abs(kernel.mean()) < 3 / np.sqrt(fan_in * kernel.size)
 
 
+@pytest.mark.parametrize("layer", [jcl.Conv, jcl.ConvTranspose])
+def test_kernel_init_gets_the_channels_last_shape(layer):
+    """A Flax initialiser keeps its variance in channels_first (he_normal over axis -2 of the
+    channels_last shape, 9 * 32 here) and the kernel is the channels_last one, transposed."""
+    init = nn.initializers.he_normal()
+    x = jnp.ones((1, 6, 6, 32), jnp.float32)
+    last = layer(32, (3, 3), kernel_init=init).init(jax.random.key(2), x)["params"]["kernel"]
+    first = layer(32, (3, 3), kernel_init=init, data_format=CF)
+    kernel = first.init(jax.random.key(2), jnp.moveaxis(x, -1, 1))["params"]["kernel"]
+    np.testing.assert_array_equal(kernel, np.transpose(last, (3, 2, 0, 1)))
+    np.testing.assert_allclose(np.std(kernel), np.sqrt(2 / (9 * 32)), rtol=0.03)
+
+
 def test_conv_dtypes():
     x = jnp.ones((1, 6, 6, 2), jnp.float32)
     layer = jcl.Conv(3, (3, 3), dtype=jnp.bfloat16, param_dtype=jnp.float32)

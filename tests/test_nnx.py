@@ -98,6 +98,22 @@ def test_grouped_conv_transpose_init_keeps_the_variance(groups):
     np.testing.assert_allclose(std, np.sqrt(groups / (9 * 64)), rtol=0.05)
 
 
+@pytest.mark.parametrize("layer", [jcn.Conv, jcn.ConvTranspose])
+def test_channels_first_kernel_is_the_channels_last_one_transposed(layer):
+    """Initialisers are called with the channels_last shape, Flax's layout: a Flax initialiser
+    keeps its variance in channels_first (he_normal's fan-in is axis -2 of the channels_last
+    shape: the input channels of Conv, of ConvTranspose those of the convolution it is the
+    adjoint of), and the default kernel is the channels_last one, transposed."""
+    he_fan_in = 9 * 64 if layer is jcn.Conv else 9 * 128
+    inits = ((None, 1 / np.sqrt(9 * 64)), (nnx.initializers.he_normal(), np.sqrt(2 / he_fan_in)))
+    for init, std in inits:
+        last = layer(64, 128, (3, 3), kernel_init=init, rngs=nnx.Rngs(5))
+        first = layer(64, 128, (3, 3), kernel_init=init, data_format=CF, rngs=nnx.Rngs(5))
+        kernel = np.asarray(first.kernel[...])
+        np.testing.assert_array_equal(kernel, np.transpose(last.kernel[...], (3, 2, 0, 1)))
+        np.testing.assert_allclose(kernel.std(), std, rtol=0.03)
+
+
 @pytest.mark.parametrize(
     ("make", "words"),
     [

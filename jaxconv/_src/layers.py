@@ -54,25 +54,32 @@ def kernel_shape(
     return (conv_out, conv_in // groups, *(int(k) for k in kernel))
 
 
-def default_kernel_init(
-    data_format: str, *, transpose: bool, groups: int = 1
-) -> initializers.Initializer:
-    """Flax's default, LeCun normal, with the fan-in taken over the input features each output
-    reads: ``prod(kernel) * in_features // groups``, as ``flax.linen.Conv`` for ``conv``.
+def kernel_init(init, data_format: str, *, transpose: bool, groups: int = 1):
+    """The layer's kernel initialiser: ``init`` (``None``: Flax's default) called with the
+    channels_last shape ``(*kernel, in, out)``, the layout Flax's initialisers assume (fan-in on
+    axis -2, fan-out on axis -1), its result moved to ``(out, in, *kernel)`` for channels_first.
+    So any Flax initialiser has the variance it has in Flax in either layout, and the default
+    kernel of a channels_first layer is the channels_last one's, transposed.
 
-    ``conv_transpose``'s kernel holds all ``in_features`` on one axis and ``out_features //
-    groups`` on the other, so its variance is scaled by ``groups``.
+    The default is LeCun normal with the fan-in over the input features each output reads:
+    ``prod(kernel) * in_features // groups``, as ``flax.linen.Conv`` for ``conv``.
+    ``conv_transpose``'s kernel ``(*kernel, out // groups, in)`` holds all ``in_features`` on its
+    last axis, so its fan-in axis is that one, and its variance is scaled by ``groups``.
     """
-    last = data_format == "channels_last"
-    if transpose:
-        in_axis, out_axis = (-1, -2) if last else (0, 1)
-        scale = float(groups)
-    else:
-        in_axis, out_axis = (-2, -1) if last else (1, 0)
-        scale = 1.0
-    return initializers.variance_scaling(
-        scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
-    )
+    if init is None:
+        in_axis, out_axis, scale = (-1, -2, float(groups)) if transpose else (-2, -1, 1.0)
+        init = initializers.variance_scaling(
+            scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+        )
+    if data_format == "channels_last":
+        return init
+
+    def channels_first(key, shape, dtype=jnp.float32):
+        n = len(shape) - 2
+        kernel = init(key, (*shape[2:], shape[1], shape[0]), dtype)
+        return jnp.transpose(kernel, (n + 1, n, *range(n)))
+
+    return channels_first
 
 
 def check_dtypes(fname: str, dtype, param_dtype) -> None:
