@@ -246,7 +246,7 @@ class LPPool(nn.Module):
         p = self.p
         if check_bool("jaxconv.linen.LPPool", "learnable_p", self.learnable_p):
             layers.check_dtypes("jaxconv.linen.LPPool", None, self.param_dtype)
-            start = layers.p_to_raw("jaxconv.linen.LPPool", self.p)
+            start = layers.p_to_raw("jaxconv.linen.LPPool", self.p, self.param_dtype)
             raw = self.param("p_raw", nn.initializers.constant(start), (), self.param_dtype)
             p = learned_p(raw)
         return jaxconv.lp_pool(

@@ -316,7 +316,7 @@ class LPPool(nnx.Module):
         self.p_raw = nnx.data(None)
         if check_bool("jaxconv.nnx.LPPool", "learnable_p", learnable_p):
             layers.check_dtypes("jaxconv.nnx.LPPool", None, param_dtype)
-            start = layers.p_to_raw("jaxconv.nnx.LPPool", p)
+            start = layers.p_to_raw("jaxconv.nnx.LPPool", p, param_dtype)
             self.p_raw = nnx.Param(jnp.asarray(start, param_dtype))
 
     @property

@@ -294,6 +294,17 @@ def test_learnable_p_must_start_finite():
         )
 
 
+def test_learnable_p_must_fit_the_param_dtype():
+    """``p_raw`` is about ``p - 1``: beyond float16's 65504 it would start at inf (so p = inf)."""
+    x = jnp.ones((1, 4, 4, 1), jnp.float16)
+    layer = jcl.LPPool(1e5, (2, 2), learnable_p=True, param_dtype=jnp.float16)
+    with pytest.raises(ValueError, match=r"jaxconv.linen.LPPool.*`p`.*100000.*float16.*65504"):
+        layer.init(jax.random.key(0), x)
+    layer = jcl.LPPool(6e4, (2, 2), learnable_p=True, param_dtype=jnp.float16)
+    p_raw = layer.init(jax.random.key(0), x)["params"]["p_raw"]
+    assert jnp.isfinite(p_raw) and 59000 < float(1 + jax.nn.softplus(p_raw)) < 61000
+
+
 def _fractional_check(x, out, indices):
     """Every output is the input value at its index (one (batch, channel) plane at a time)."""
     n, h, w, c = x.shape

@@ -130,6 +130,13 @@ def test_bad_module_options_are_named(make, words):
         make()
 
 
+def test_learnable_p_must_fit_the_param_dtype():
+    with pytest.raises(ValueError, match=r"^jaxconv\.nnx\.LPPool: .*`p`.*float16"):
+        jcn.LPPool(1e5, (2, 2), learnable_p=True, param_dtype=jnp.float16)
+    p = jcn.LPPool(1e5, (2, 2), learnable_p=True, param_dtype=jnp.float32).p_value
+    np.testing.assert_allclose(p, 1e5, rtol=1e-6)
+
+
 def test_conv_bad_kernel_size_is_named():
     with pytest.raises(TypeError, match=r"jaxconv.nnx.Conv.*kernel_size"):
         jcn.Conv(3, 4, 3, rngs=nnx.Rngs(0))

@@ -105,8 +105,9 @@ def check_collection(fname: str, name) -> str:
     return name
 
 
-def p_to_raw(fname: str, p) -> float:
-    """The unconstrained value ``raw`` with ``1 + softplus(raw) == p`` (``p > 1`` finite).
+def p_to_raw(fname: str, p, param_dtype) -> float:
+    """The unconstrained value ``raw`` with ``1 + softplus(raw) == p`` (``p > 1`` finite), which
+    ``param_dtype`` must hold (``raw`` is about ``p - 1`` for large ``p``).
 
     ``p == 1`` sits at ``raw = -inf``; it is started at ``1 + 1e-6`` instead.
     """
@@ -115,7 +116,14 @@ def p_to_raw(fname: str, p) -> float:
             f"{fname}: a learnable `p` must start at a finite Python number >= 1, got {p!r}."
         )
     excess = max(float(p) - 1.0, 1e-6)
-    return excess + math.log(-math.expm1(-excess))
+    raw = excess + math.log(-math.expm1(-excess))
+    if raw > float(jnp.finfo(param_dtype).max):
+        raise ValueError(
+            f"{fname}: a learnable `p` of {p!r} is beyond what `param_dtype` "
+            f"{jnp.dtype(param_dtype).name} holds (up to {float(jnp.finfo(param_dtype).max):g}); "
+            f"start at a smaller `p` or use a wider `param_dtype`."
+        )
+    return raw
 
 
 def raw_to_p(raw: jax.Array) -> jax.Array:
