@@ -19,6 +19,7 @@ X = np.ones((1, 5, 5, 2), np.float32)  # channels_last, 2-D
 W = np.ones((3, 3, 2, 4), np.float32)  # HWIO
 X1 = np.ones((2, 6, 3), np.float32)  # channels_last, 1-D
 SAMPLES = np.full((2, 3, 1), 0.5, np.float32)
+KEY = jax.random.key(0)
 
 
 def _call(name, args, kwargs):
@@ -256,6 +257,11 @@ CASES = [
     case("fractional_max_pool", "output_ratio", X1, (2,), output_ratio="half", samples=SAMPLES),
     case("fractional_max_pool", "output_size", X1, (2,), output_size=(6,), samples=SAMPLES),
     case("fractional_max_pool", "output_size", X1, (2,), output_size=(0,), samples=SAMPLES),
+    case("fractional_max_pool_graham", "output_size", X1, output_size=(7,), key=KEY, id="g-big"),
+    case("fractional_max_pool_graham", "output_ratio", X1, output_ratio=0.5, key=KEY, id="g-ratio"),
+    case(
+        "fractional_max_pool_graham", "output_ratio", X, output_ratio=(0.5, None), key=KEY, id="g-n"
+    ),
     case("fractional_max_pool", "key|samples", X1, (2,), output_size=(3,), id="frac-no-samples"),
     case(
         "fractional_max_pool",
@@ -358,6 +364,13 @@ def test_int32_indices_need_a_volume_that_fits(name, call):
 
 def test_without_indices_a_large_volume_is_fine():
     assert jax.eval_shape(lambda x: jaxconv.adaptive_max_pool(x, (2, 2)), BIG).shape == (1, 2, 2, 1)
+
+
+def test_graham_names_no_window():
+    """Graham's regions have no window: an output longer than the input says so."""
+    with pytest.raises(ValueError, match=r"output size 7 exceeds spatial axis 0 of size 6") as e:
+        jaxconv.fractional_max_pool_graham(X1, output_size=(7,), key=KEY)
+    assert "window" not in str(e.value)
 
 
 def test_catalogue_size():

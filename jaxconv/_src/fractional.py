@@ -117,7 +117,7 @@ def _ratios(fname: str, output_ratio, n: int) -> tuple[float, ...]:
     elif isinstance(output_ratio, Sequence) and not isinstance(output_ratio, str):
         if len(output_ratio) != n or not all(is_real(r) for r in output_ratio):
             raise ValueError(
-                f"{fname}: `output_ratio` must be a float or a sequence of {n} floats, "
+                f"{fname}: `output_ratio` must hold {n} floats, one per spatial axis, "
                 f"got {output_ratio!r}."
             )
         ratios = tuple(float(r) for r in output_ratio)
@@ -157,14 +157,19 @@ def output_sizes(fname, sizes, output_size, output_ratio) -> tuple[int, ...]:
     return outs
 
 
-def check_fits(fname, sizes, outs, kernel):
-    """``out + k - 1 <= in`` on every axis."""
-    for axis, (size, out, k) in enumerate(zip(sizes, outs, kernel, strict=True)):
-        if out + k - 1 > size:
-            raise ValueError(
-                f"{fname}: output size {out} with window {k} does not fit spatial axis {axis} "
-                f"of size {size}; need output_size + window - 1 <= input size."
-            )
+def check_fits(fname, sizes, outs, kernel=None):
+    """``out + k - 1 <= in`` on every axis; ``out <= in`` where there is no window (None)."""
+    for axis, (size, out) in enumerate(zip(sizes, outs, strict=True)):
+        k = 1 if kernel is None else kernel[axis]
+        if out + k - 1 <= size:
+            continue
+        if kernel is None:
+            need = f"output size {out} exceeds spatial axis {axis} of size {size}"
+            raise ValueError(f"{fname}: {need}; need output_size <= input size.")
+        raise ValueError(
+            f"{fname}: output size {out} with window {k} does not fit spatial axis {axis} "
+            f"of size {size}; need output_size + window - 1 <= input size."
+        )
 
 
 def check_key(fname: str, key) -> jax.Array:

@@ -151,7 +151,7 @@ def fractional_max_pool_graham(
     n = spatial_rank(fname, "output_size" if output_size is not None else "output_ratio", given)
     axes, _, sizes = layout_sizes(fname, x, n, data_format)
     outs = output_sizes(fname, sizes, output_size, output_ratio)
-    check_fits(fname, sizes, outs, (1,) * n)
+    check_fits(fname, sizes, outs)
     check_index_volume(fname, sizes, return_indices)
     bounds = graham_bounds(check_key(fname, key), sizes, outs, pseudo_random)
     plans, aux = [], []
