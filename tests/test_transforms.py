@@ -181,6 +181,23 @@ def test_jvp_where_claimed(name):
     np.testing.assert_allclose(y, f(x), rtol=1e-12)
 
 
+LINEAR = {
+    "conv": _f("conv"),
+    "conv_transpose": _f("conv_transpose"),
+    "max_unpool": _f("max_unpool"),
+    "adaptive_avg_pool 6->3": lambda x: op("adaptive_avg_pool")(x, (3, None)),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_linear_transpose_equals_the_vjp(name):
+    """The linear ops that ``jax.linear_transpose`` transposes (README, Known limits)."""
+    f, x = LINEAR[name], _x()
+    cot = _cot(f(x))
+    (ft,) = jax.linear_transpose(f, jax.ShapeDtypeStruct(x.shape, x.dtype))(cot)
+    np.testing.assert_allclose(ft, jax.vjp(f, x)[1](cot)[0], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_second_order(name):
     """Reverse-over-reverse always (symmetric); ``jax.hessian`` (forward-over-reverse), equal
