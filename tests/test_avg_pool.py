@@ -155,7 +155,7 @@ def test_asymmetric_and_same_padding_match_the_definition(
         ((1, 4, 4, 3, 1), (2, 2, 3), (2, 1, 2), (1, 0, 1), True, False),
     ],
 )
-def test_check_grads_reverse_order_2(shape, window, stride, padding, ceil_mode, cip):
+def test_check_grads_forward_and_reverse_order_2(shape, window, stride, padding, ceil_mode, cip):
     x = jnp.asarray(np.random.default_rng(1).standard_normal(shape))
 
     def f(x):
@@ -163,13 +163,34 @@ def test_check_grads_reverse_order_2(shape, window, stride, padding, ceil_mode, 
             x, window, stride, padding, ceil_mode=ceil_mode, count_include_pad=cip
         )
 
-    check_grads(jax.jit(f), (x,), order=2, modes=["rev"])
+    check_grads(jax.jit(f), (x,), order=2, modes=["fwd", "rev"])
 
 
-def test_forward_mode_is_not_supported():
-    x = jnp.ones((1, 4, 4, 1))
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(lambda x: jaxconv.avg_pool(x, (2, 2)), (x,), (x,))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_forward_mode_tangent_is_the_average_of_the_tangent(dtype):
+    """The op is linear: its jvp's tangent is the op applied to the tangent (same dtype, same
+    rounding), also under vmap, and ``jax.hessian`` of a loss through it is reverse over
+    reverse."""
+    rng = np.random.default_rng(2)
+    x, t = (jnp.asarray(rng.standard_normal((3, 7, 6, 4)), dtype) for _ in range(2))
+
+    def f(x):
+        return jaxconv.avg_pool(x, (3, 2), (2, 1), 1, ceil_mode=True, count_include_pad=False)
+
+    y, jt = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))(x, t)
+    assert jt.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(jt, np.float64), np.asarray(f(t), np.float64))
+    np.testing.assert_array_equal(np.asarray(y, np.float64), np.asarray(f(x), np.float64))
+    _, jt_v = jax.vmap(lambda x, t: jax.jvp(f, (x,), (t,)))(x[:, None], t[:, None])
+    np.testing.assert_array_equal(np.asarray(jt_v[:, 0], np.float64), np.asarray(jt, np.float64))
+    x64 = x.astype(jnp.float64)[:1, :5, :4, :1]
+
+    def loss(x):
+        return jnp.sum(jnp.sin(f(x)))
+
+    n = x64.size
+    hess = jax.jit(jax.hessian(loss))(x64).reshape(n, n)
+    np.testing.assert_allclose(hess, jax.jacrev(jax.jacrev(loss))(x64).reshape(n, n), atol=1e-12)
 
 
 def test_seed_average_pool_of_c_is_the_window_mean():

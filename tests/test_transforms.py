@@ -185,6 +185,7 @@ LINEAR = {
     "conv": _f("conv"),
     "conv_transpose": _f("conv_transpose"),
     "max_unpool": _f("max_unpool"),
+    "avg_pool": _f("avg_pool"),
     "adaptive_avg_pool 6->3": lambda x: op("adaptive_avg_pool")(x, (3, None)),
 }
 

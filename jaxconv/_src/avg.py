@@ -14,10 +14,12 @@ borders; summing the padded per-axis slices of :func:`jaxconv._src.window.taps` 
 and one 3x3 ``lax.reduce_window`` 34-53 ms (an unvectorised loop). PyTorch channels_last took
 about 3 ms in the same runs.
 
-The derivative is a ``jax.custom_vjp``: the adjoint of a window sum is again a window sum of the
-cotangent, one stride phase of the input at a time (:func:`jaxconv._src.boxmap.sum_transpose`),
-which runs at the speed of the forward pass (about 3 ms for the case above), where JAX's own
-transpose of the slices (a sum of padded copies) measured 75-180 ms.
+The op and its adjoint are two linear JAX primitives, each the other's transpose and its own
+tangent, lowered through the functions here, so every transformation applies. The adjoint of a
+window sum is again a window sum of the cotangent, one stride phase of the input at a time
+(:func:`jaxconv._src.boxmap.sum_transpose`), which runs at the speed of the forward pass (about
+3 ms for the case above), where JAX's own transpose of the slices (a sum of padded copies)
+measured 75-180 ms.
 """
 
 import functools
@@ -27,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, is_int
@@ -212,25 +216,48 @@ def _mean_transpose(g: jax.Array, spec: WindowSpec, div, finish, inside: bool) -
 # 6.3 / 5.8, 3x3 stride 2 padding 1 0.6-0.9 / 0.6 against 1.3 / 0.5; 3-D 3x3x3 stride 1 padding
 # 1 on (4, 16, 56, 56, 32) 4.4 / 4.6 against 41 / 40; 1-D k3 stride 2 on (64, 4096, 256) 5.6-5.8
 # / 6.3 against 8.1 / 8.1 (rounding after the sums there: 9.1-9.4 / 15-20).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _mean(x, spec: WindowSpec, count_include_pad: bool, divisor_override):
+def _mean_impl(x, *, spec: WindowSpec, count_include_pad: bool, divisor_override):
     div = divisor(spec, count_include_pad, divisor_override)
     finish = functools.partial(narrow, dtype=x.dtype, fuse=spec.n == 1)
     return window_mean(x, spec, div, finish)
 
 
-def _mean_fwd(x, spec, count_include_pad, divisor_override):
-    return _mean(x, spec, count_include_pad, divisor_override), None
-
-
-def _mean_bwd(spec, count_include_pad, divisor_override, _, g):
+def _adjoint_impl(g, *, spec: WindowSpec, count_include_pad: bool, divisor_override):
     div = divisor(spec, count_include_pad, divisor_override)
     fuse = spec.n == 1 or any(p.stride > 1 for p in spec.plans)
     finish = functools.partial(narrow, dtype=g.dtype, fuse=fuse)
-    return (_mean_transpose(widen(g), spec, div, finish, _finish_inside(g.dtype)),)
+    return _mean_transpose(widen(g), spec, div, finish, _finish_inside(g.dtype))
 
 
-_mean.defvjp(_mean_fwd, _mean_bwd)
+def _shape(spec: WindowSpec, shape, side: str):
+    return spec.out_shape(shape) if side == "out" else spec.in_shape(shape)
+
+
+def _batched(primitive, args, dims, *, spec: WindowSpec, **params):
+    """vmap: the mapped axis becomes a leading batch axis, which every window op accepts."""
+    x = jnp.moveaxis(args[0], dims[0], 0)
+    return primitive.bind(x, spec=spec.with_leading_axis(), **params), 0
+
+
+def _linear_primitive(name: str, impl, side: str) -> Primitive:
+    """A primitive for the linear map ``impl`` (lowered through JAX's own ops), so that every
+    transformation applies to it: its tangent is itself, and its transpose is set below."""
+    primitive = Primitive(name)
+    primitive.def_impl(jax.jit(impl, static_argnames=_PARAMS))
+    primitive.def_abstract_eval(lambda x, **p: x.update(shape=_shape(p["spec"], x.shape, side)))
+    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=False))
+    batching.primitive_batchers[primitive] = functools.partial(_batched, primitive)
+    return primitive
+
+
+# The mean and its adjoint are primitives that transpose into each other: reverse mode runs the
+# fast adjoint above, forward mode the mean itself, at every order (jvp, jax.hessian,
+# jax.linear_transpose and grad of grad).
+_PARAMS = ("spec", "count_include_pad", "divisor_override")
+_mean_p = _linear_primitive("jaxconv_avg_pool", _mean_impl, "out")
+_adjoint_p = _linear_primitive("jaxconv_avg_pool_adjoint", _adjoint_impl, "in")
+ad.deflinear2(_mean_p, lambda g, _x, **params: [_adjoint_p.bind(g, **params)])
+ad.deflinear2(_adjoint_p, lambda t, _g, **params: [_mean_p.bind(t, **params)])
 
 
 def _check_divisor_override(value) -> int | None:
@@ -284,9 +311,9 @@ def avg_pool(
     (as ``avg_pool1d``/``avg_pool2d`` allow); PyTorch's ``avg_pool3d`` alone rejects an input
     smaller than the window.
 
-    Transformations: ``jit``, ``vmap``, ``grad``/``vjp`` and reverse-over-reverse (``grad`` of
-    ``grad``, ``jacrev`` of ``jacrev``). Not forward mode: the fast adjoint is a
-    ``jax.custom_vjp``, so ``jvp``, ``jacfwd`` and ``jax.hessian`` raise.
+    Transformations: ``jit``, ``vmap``, ``grad``/``vjp``, ``jvp`` and higher orders (``jacfwd``,
+    ``jax.hessian``), ``jax.linear_transpose``: the op is linear in ``x``, its tangent is the
+    average of the tangent and its transpose a window sum of the cotangent as fast as itself.
 
     Example:
       >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
@@ -300,4 +327,6 @@ def avg_pool(
     spec = window_spec(
         _FNAME, x.shape, window, stride, padding, 1, ceil_mode, data_format, pad_limit="kernel"
     )
-    return _mean(x, spec, count_include_pad, divisor_override)
+    return _mean_p.bind(
+        x, spec=spec, count_include_pad=count_include_pad, divisor_override=divisor_override
+    )

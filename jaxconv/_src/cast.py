@@ -11,9 +11,10 @@ makes every element select among the blocks, so which one is faster is measured 
 
 :func:`widen` and :func:`narrow` are ``jax.custom_vjp``s whose rules are each other, so
 reverse mode at any order converts cotangents the same way. Forward mode is not supported, so
-only ops that are ``custom_vjp``s themselves (avg pooling) use them. :func:`round_to` rounds as
-:func:`narrow` with ``astype`` as its tangent, for every mode (Lp pooling, whose Hessian is
-forward over reverse).
+they serve where JAX does not differentiate the result: the primal of a ``jax.custom_jvp``
+(depthwise convolution) or the lowering of a primitive with rules of its own (avg pooling).
+:func:`round_to` rounds as :func:`narrow` with ``astype`` as its tangent, for every mode (Lp
+pooling, whose Hessian is forward over reverse).
 """
 
 import functools

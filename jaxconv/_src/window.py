@@ -86,6 +86,17 @@ class WindowSpec:
             shape[p.axis] = p.out
         return tuple(shape)
 
+    def in_shape(self, out_shape: tuple[int, ...]) -> tuple[int, ...]:
+        shape = list(out_shape)
+        for p in self.plans:
+            shape[p.axis] = p.size
+        return tuple(shape)
+
+    def with_leading_axis(self) -> "WindowSpec":
+        """The spec of the same op on an array with one more leading (batch) axis."""
+        plans = tuple(dataclasses.replace(p, axis=p.axis + 1) for p in self.plans)
+        return WindowSpec(plans, self.channel_axis + 1, self.ndim + 1, self.ceil_mode)
+
 
 def _check_pad_limit(fname, pads, kernel, dilation, pad_limit):
     for (lo, hi), k, d in zip(pads, kernel, dilation, strict=True):
