@@ -2,8 +2,9 @@
 
 A float scatter-add whose indices may collide sums in a varying order on GPUs, and XLA's
 ``select_and_scatter`` uses atomics there. jaxconv's gradients must not contain either: max, avg
-and Lp pooling transpose slices and selects into pads and adds, and the gathers of adaptive
-and fractional windows transpose into scatters of unique indices, or, for adaptive windows of
+and Lp pooling transpose slices and selects into pads and adds, adaptive averages' adjoints
+gather, and the gathers of adaptive max and fractional windows transpose into scatters of
+unique indices, or, for adaptive windows of
 varying lengths gathered at once, into scatters where at most two nonzero terms meet at each
 element (two numbers and zeros sum alike in any order; ``test_adaptive.py`` checks the bound).
 Fractional windows with a
@@ -40,6 +41,9 @@ OPS = {
     "lp_pool p=inf": lambda x: jaxconv.lp_pool(x, math.inf, (3, 3), 2),
     "adaptive_max_pool 12->5": lambda x: jaxconv.adaptive_max_pool(x, (5, 5)),
     "adaptive_avg_pool 12->5": lambda x: jaxconv.adaptive_avg_pool(x, (5, 5)),
+    "adaptive_avg_pool 96->5 (20 taps)": lambda x: jaxconv.adaptive_avg_pool(
+        jnp.tile(x, (1, 8, 1, 1)), (5, 5)
+    ),
     "adaptive_max_pool 12->7x1": lambda x: jaxconv.adaptive_max_pool(x, (7, 1)),
     "fractional 2x2 r0.5": lambda x: jaxconv.fractional_max_pool(
         x, (2, 2), output_ratio=0.5, samples=SAMPLES
@@ -76,6 +80,15 @@ TWO_TERMS = {
 }
 
 
+# Averages: their adjoints are window sums and gathers, no scatter at all.
+NO_SCATTER = {
+    "avg_pool 3x3 s1 p1",
+    "avg_pool 5x6",
+    "adaptive_avg_pool 12->5",
+    "adaptive_avg_pool 96->5 (20 taps)",
+}
+
+
 def cuda_scatters(f, *args):
     text = jax.export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
     assert "select_and_scatter" not in text
@@ -90,6 +103,7 @@ def test_cuda_gradient_has_no_colliding_scatter(name):
     allowed = FALLBACKS.get(name, 0) + TWO_TERMS.get(name, 0)
     assert len(colliding) <= allowed, colliding[0][:300]
     assert unique or name not in FALLBACKS
+    assert not (unique or colliding) or name not in NO_SCATTER
 
 
 @pytest.mark.parametrize("graham", [False, True])

@@ -52,6 +52,7 @@ from jaxconv._src.args import (
 )
 from jaxconv._src.avg import window_mean
 from jaxconv._src.boxmap import compute_dtype, safe_mean, tile_sum
+from jaxconv._src.linear import adjoint_pair, linear_primitive
 from jaxconv._src.window import AxisPlan, WindowSpec, along
 
 
@@ -224,7 +225,7 @@ def _tiled(plans) -> tuple[AxisPlan, ...]:
     )
 
 
-def _masked_sum(v, plan):
+def _masked_sum(v, *, plan):
     """Sum along one axis over its windows: the taps under their validity masks, stacked by
     one gather (:class:`StackedAdaptivePlan`) beyond ``STACKED_MEAN_MIN_KERNEL`` taps."""
     if plan.kernel > STACKED_MEAN_MIN_KERNEL:
@@ -237,6 +238,58 @@ def _masked_sum(v, plan):
         term = tap if ok is None else jnp.where(ok, tap, jnp.zeros((), tap.dtype))
         out = term if out is None else out + term
     return out
+
+
+def _spread(g, *, plan):
+    """The adjoint of :func:`_masked_sum` for ``out < size``: each input lies in the last
+    window that starts at or before it and, where windows overlap (by one element at most),
+    in the window before; two gathers of ``g`` (JAX's transpose of the taps scatters: float32
+    NHWC (32, 30, 30, 64) -> 7x7 forward plus backward 0.8 against 2.3-3.1 ms)."""
+    i = np.arange(plan.size)
+    last = np.searchsorted(plan.starts, i, side="right") - 1
+    before = np.maximum(last - 1, 0)
+    shared = (last > 0) & (plan.starts[before] + plan.lengths[before] > i)
+
+    def take(index):
+        index = jnp.asarray(index.astype(np.int32))
+        return jnp.take(g, index, axis=plan.axis, indices_are_sorted=True, mode="clip")
+
+    inside = along(shared, plan.axis, g.ndim)
+    return take(last) + jnp.where(inside, take(before), jnp.zeros((), g.dtype))
+
+
+def _leading(params):
+    plan = params["plan"]
+    return {"plan": dataclasses.replace(plan, axis=plan.axis + 1)}
+
+
+def _resized(shape, *, plan, size):
+    return (*shape[: plan.axis], size, *shape[plan.axis + 1 :])
+
+
+# Windows fewer than the inputs: the sum and its adjoint are linear primitives that transpose
+# into each other (:mod:`jaxconv._src.linear`), so forward mode keeps working.
+_sum_p = linear_primitive(
+    "jaxconv_adaptive_sum",
+    _masked_sum,
+    lambda shape, plan: _resized(shape, plan=plan, size=plan.out),
+    _leading,
+)
+_spread_p = linear_primitive(
+    "jaxconv_adaptive_spread",
+    _spread,
+    lambda shape, plan: _resized(shape, plan=plan, size=plan.size),
+    _leading,
+)
+adjoint_pair(_sum_p, _spread_p)
+
+
+def _window_sum(v, plan):
+    """:func:`_masked_sum`, as a primitive with the gathers of :func:`_spread` for its adjoint
+    where windows are fewer than the inputs (upsampling windows keep JAX's transpose)."""
+    if plan.out < plan.size:
+        return _sum_p.bind(v, plan=plan)
+    return _masked_sum(v, plan=plan)
 
 
 def _mean_uneven(x, plans):
@@ -252,7 +305,7 @@ def _mean_uneven(x, plans):
     def total(v):
         v = tile_sum(v, tiled) if tiled else v
         for plan in uneven:
-            v = _masked_sum(v, plan)
+            v = _window_sum(v, plan)
         return v
 
     dtype = compute_dtype(x.dtype)

@@ -29,8 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
 from jax.typing import ArrayLike
 
 from jaxconv._src.args import check_bool, check_floating, is_int
@@ -44,6 +42,7 @@ from jaxconv._src.boxmap import (
     tiles,
 )
 from jaxconv._src.cast import narrow, tap_groups, widen
+from jaxconv._src.linear import adjoint_pair, linear_primitive
 from jaxconv._src.window import AxisPlan, WindowSpec, window_spec
 
 _FNAME = "avg_pool"
@@ -229,35 +228,23 @@ def _adjoint_impl(g, *, spec: WindowSpec, count_include_pad: bool, divisor_overr
     return _mean_transpose(widen(g), spec, div, finish, _finish_inside(g.dtype))
 
 
-def _shape(spec: WindowSpec, shape, side: str):
-    return spec.out_shape(shape) if side == "out" else spec.in_shape(shape)
+def _leading(params):
+    return {**params, "spec": params["spec"].with_leading_axis()}
 
 
-def _batched(primitive, args, dims, *, spec: WindowSpec, **params):
-    """vmap: the mapped axis becomes a leading batch axis, which every window op accepts."""
-    x = jnp.moveaxis(args[0], dims[0], 0)
-    return primitive.bind(x, spec=spec.with_leading_axis(), **params), 0
-
-
-def _linear_primitive(name: str, impl, side: str) -> Primitive:
-    """A primitive for the linear map ``impl`` (lowered through JAX's own ops), so that every
-    transformation applies to it: its tangent is itself, and its transpose is set below."""
-    primitive = Primitive(name)
-    primitive.def_impl(jax.jit(impl, static_argnames=_PARAMS))
-    primitive.def_abstract_eval(lambda x, **p: x.update(shape=_shape(p["spec"], x.shape, side)))
-    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=False))
-    batching.primitive_batchers[primitive] = functools.partial(_batched, primitive)
-    return primitive
-
-
-# The mean and its adjoint are primitives that transpose into each other: reverse mode runs the
-# fast adjoint above, forward mode the mean itself, at every order (jvp, jax.hessian,
-# jax.linear_transpose and grad of grad).
-_PARAMS = ("spec", "count_include_pad", "divisor_override")
-_mean_p = _linear_primitive("jaxconv_avg_pool", _mean_impl, "out")
-_adjoint_p = _linear_primitive("jaxconv_avg_pool_adjoint", _adjoint_impl, "in")
-ad.deflinear2(_mean_p, lambda g, _x, **params: [_adjoint_p.bind(g, **params)])
-ad.deflinear2(_adjoint_p, lambda t, _g, **params: [_mean_p.bind(t, **params)])
+# The mean and its adjoint are linear primitives that transpose into each other
+# (:mod:`jaxconv._src.linear`): reverse mode runs the fast adjoint above, forward mode the mean
+# itself, at every order (jvp, jax.hessian, jax.linear_transpose and grad of grad).
+_mean_p = linear_primitive(
+    "jaxconv_avg_pool", _mean_impl, lambda shape, spec, **_: spec.out_shape(shape), _leading
+)
+_adjoint_p = linear_primitive(
+    "jaxconv_avg_pool_adjoint",
+    _adjoint_impl,
+    lambda shape, spec, **_: spec.in_shape(shape),
+    _leading,
+)
+adjoint_pair(_mean_p, _adjoint_p)
 
 
 def _check_divisor_override(value) -> int | None:
