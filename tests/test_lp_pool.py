@@ -337,6 +337,38 @@ def test_second_derivatives_at_an_infinite_p_equal_the_static_inf(p):
     np.testing.assert_array_equal(twice.ravel(), [0, 2, 0, 2])
 
 
+def _norm_hessian(v, p):
+    """The Hessian of ``||v||_p`` (float64): ``(p-1)/y * (diag(|q|^(p-2)) - u u^T)`` with
+    ``q = v/y`` and ``u = sign(q) |q|^(p-1)``."""
+    y = np.sum(np.abs(v) ** p) ** (1 / p)
+    q = np.abs(v) / y
+    u = np.sign(v) * q ** (p - 1)
+    return (p - 1) / y * (np.diag(q ** (p - 2)) - np.outer(u, u))
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0, 2000.0])
+@pytest.mark.parametrize("traced", [False, True], ids=["static", "traced"])
+@pytest.mark.parametrize("window", [(2, 2), (6, 6)], ids=["box", "per-axis"])
+def test_hessian_where_elements_tie_for_the_window_maximum(window, traced, p):
+    """Ties for the largest ``|x|`` share the maximum's tangent in the log form (a traced
+    ``p``, a static one of 1024 and more): the Hessian is still the norm's, in one box and
+    one axis at a time (windows over 27 elements)."""
+    rng = np.random.default_rng(13)
+    v = rng.uniform(0.3, 0.9, window) * rng.choice([-1.0, 1.0], window)
+    v.flat[rng.choice(v.size, 3, replace=False)] = [1.0, -1.0, 1.0]  # three tied maxima
+    x = jnp.asarray(v.reshape(1, *window, 1))
+    q = jnp.float64(p) if traced else p
+
+    def norm(x):
+        return jnp.sum(jaxconv.lp_pool(x, q, window))
+
+    n = v.size
+    hess = np.asarray(jax.jit(jax.hessian(norm))(x)).reshape(n, n)
+    np.testing.assert_allclose(hess, _norm_hessian(v.ravel(), p), rtol=1e-9, atol=1e-9)
+    twice = np.asarray(jax.jit(jax.jacrev(jax.grad(norm)))(x)).reshape(n, n)
+    np.testing.assert_allclose(twice, hess, rtol=1e-9, atol=1e-9)
+
+
 def test_traced_p_inf_shares_the_gradient_among_tied_maxima():
     """``1/ties`` at each tied maximum of ``|x|``: the limit of the finite-p gradient."""
     x = jnp.array([[-3.0, 3.0], [1.0, -3.0]]).reshape(1, 2, 2, 1)

@@ -28,17 +28,24 @@ _EXP_ZERO = 1000.0
 
 def _scaled(log_ratio, k):
     """``k * log_ratio`` for ``log_ratio <= 0``, as the exponent of a term, with every
-    derivative finite: 0 where ``log_ratio`` is 0 (also for ``k = inf``), at least
-    ``-_EXP_ZERO`` (whose ``exp`` is 0 as well), and an infinite ``k`` (a traced ``p = inf``,
-    or a static ``p`` beyond the dtype's range) taken as the largest finite number. Reverse
-    mode multiplies the cotangents by ``k``, and forward mode the tangents of ``log_ratio``,
-    which are large beside tiny elements: ``0 * inf`` made second derivatives NaN."""
+    derivative finite: at least ``-_EXP_ZERO`` (whose ``exp`` is 0 as well), and an infinite
+    ``k`` (a traced ``p = inf``, or a static ``p`` beyond the dtype's range) taken as the
+    largest finite number.
+
+    At the window maximum (``log_ratio == 0``) the derivative of ``log_ratio`` is ``dx/x -
+    dm/m``: 0 at a single maximum, not where several elements tie for it (the maximum's
+    tangent is shared among them), so it is kept, except from ``k = 1/eps`` on (float32
+    8.4e6, float64 4.5e15). There the two terms, each about ``k`` times their difference once
+    multiplied, cancel to ``k * eps`` or worse (``0 * inf``, NaN, for an infinite ``k``), and
+    the product is held at 0: exact at a single maximum, 0 in the second derivatives at ties.
+    """
     big = float(jnp.finfo(log_ratio.dtype).max)
     k = min(k, big) if isinstance(k, float) else jnp.minimum(k, big)
     product = k * log_ratio
     # a select (NaN kept), not jnp.maximum, whose derivative multiplies the other side's by 0
     product = jnp.where(product < -_EXP_ZERO, -_EXP_ZERO, product)
-    return jnp.where(log_ratio == 0, 0, product)
+    cancels = k >= 1 / float(jnp.finfo(log_ratio.dtype).eps)
+    return jnp.where((log_ratio == 0) & cancels, 0, product)
 
 
 def _log_ratio(a, m):
