@@ -172,9 +172,11 @@ class StackedAdaptivePlan(AdaptivePlan):
 
 
 # Averages over windows of varying lengths and more taps than this sum one gather of all taps
-# (StackedAdaptivePlan). Fewer sum their taps, faster: float32 (32, 30, 30, 64) -> 7x7 (5 taps)
-# forward plus backward 3.9-4.0 against 4.4-6.6 ms; 100 -> 7 (16 taps) 85-95 against 102-114 ms,
-# but compiled in 1.4-1.7 against 0.6 s; 300 -> 7 (44 taps) in 2.5-3.2 against 0.45 s.
+# (StackedAdaptivePlan). Fewer sum their taps, faster (the adjoint gathers either way,
+# _spread): float32 NHWC batch 32, 64 channels, forward, 30 -> 7x7 (5 taps) 0.26 against
+# 2.5-3.0 ms, 100 -> 7x7 (16 taps) 2.7 against 10.4 ms. Beyond, taps win or lose by dtype
+# ((32, 200, 200, 16) -> 7x7, 30 taps: float32 3.1-3.2 against 7.5-8.6 ms, bfloat16 even; 44
+# taps even) and compile twice as long (300 -> 7: 0.45-0.5 against 0.2 s).
 STACKED_MEAN_MIN_KERNEL = 16
 
 
@@ -243,8 +245,11 @@ def _masked_sum(v, *, plan):
 def _spread(g, *, plan):
     """The adjoint of :func:`_masked_sum` for ``out < size``: each input lies in the last
     window that starts at or before it and, where windows overlap (by one element at most),
-    in the window before; two gathers of ``g`` (JAX's transpose of the taps scatters: float32
-    NHWC (32, 30, 30, 64) -> 7x7 forward plus backward 0.8 against 2.3-3.1 ms)."""
+    in the window before; two gathers of ``g``, where JAX's transpose of the taps scatters.
+    With the single division of :func:`_mean_uneven`, float32 NHWC batch 32, 64 channels
+    (PyTorch channels_last in the same runs): 100 -> 7x7 forward 3.6-3.7 against 13.9-14.5 ms
+    before (PyTorch 5.6), forward plus backward 11.3-11.6 against 27-29 ms (12.9); 30 -> 7x7
+    0.22 against 1.3-1.4 ms (0.27) and 1.2-1.4 against 3.0-3.2 ms (0.61)."""
     i = np.arange(plan.size)
     last = np.searchsorted(plan.starts, i, side="right") - 1
     before = np.maximum(last - 1, 0)
