@@ -193,6 +193,39 @@ def test_forward_mode_tangent_is_the_average_of_the_tangent(dtype):
     np.testing.assert_allclose(hess, jax.jacrev(jax.jacrev(loss))(x64).reshape(n, n), atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize(("window", "stride"), [((1,), 2), ((3,), 4), ((3, 3), (3, 4))], ids=str)
+def test_gradient_keeps_the_dtype_where_the_stride_skips_inputs(window, stride, dtype):
+    """Inputs no window reads (stride > window) get a zero gradient in ``x``'s dtype, under
+    jit too (float16 gave float32 eagerly and failed to lower under jit)."""
+    shape = (2, 9, 3) if len(window) == 1 else (2, 9, 10, 3)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal(shape), dtype)
+
+    def loss(v):
+        return jnp.sum(jaxconv.avg_pool(v, window, stride).astype(jnp.float32) ** 2)
+
+    grads = [jax.grad(loss)(x), jax.jit(jax.grad(loss))(x)]
+    wide = jax.grad(loss)(x.astype(jnp.float32))
+    for g in grads:
+        chex.assert_type(g, dtype)
+        np.testing.assert_allclose(np.asarray(g, np.float32), wide, rtol=1e-2, atol=1e-2)
+    np.testing.assert_array_equal(np.asarray(grads[0] == 0), np.asarray(wide == 0))
+
+
+def test_weak_typed_input_gives_the_same_dtype_with_and_without_jit():
+    """A weak-typed float32 ``x`` (built from a Python scalar) pools to a float32 array that
+    is not weak, eagerly and under jit alike, so it promotes the same way with bfloat16."""
+
+    def f(v):
+        return jaxconv.avg_pool(v, (2, 2)) * jnp.ones((1, 2, 2, 1), jnp.bfloat16)
+
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        x = jnp.full((1, 4, 4, 1), 0.5)
+        assert x.weak_type
+        assert f(x).dtype == jax.jit(f)(x).dtype == jnp.float32
+        assert not jax.eval_shape(lambda v: jaxconv.avg_pool(v, (2, 2)), x).weak_type
+
+
 def test_seed_average_pool_of_c_is_the_window_mean():
     c = jnp.asarray(SEED_C)[..., None]
     y = jax.jit(lambda c: jaxconv.avg_pool(c, (2, 2), 1))(c)

@@ -369,6 +369,22 @@ def test_hessian_where_elements_tie_for_the_window_maximum(window, traced, p):
     np.testing.assert_allclose(twice, hess, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("values", [(2.0, 1.0), (3.0, 1.0, 1.5), (4.0, 2.0, -2.0, 1.0)], ids=str)
+def test_traced_p_hessian_where_an_element_is_half_the_maximum(values):
+    """The log form switches formulas at ``|x| = max/2``; its Hessian there is the norm's
+    (it was halved: a clamp split its derivative at that point)."""
+    v = np.asarray(values)
+    x = jnp.asarray(v.reshape(1, -1, 1))
+
+    def norm(x, p):
+        return jnp.sum(jaxconv.lp_pool(x, p, (v.size,)))
+
+    n = v.size
+    for p in (3.0, 7.0):
+        hess = np.asarray(jax.jit(jax.hessian(norm))(x, jnp.float64(p))).reshape(n, n)
+        np.testing.assert_allclose(hess, _norm_hessian(v, p), rtol=1e-9, atol=1e-12)
+
+
 def test_traced_p_inf_shares_the_gradient_among_tied_maxima():
     """``1/ties`` at each tied maximum of ``|x|``: the limit of the finite-p gradient."""
     x = jnp.array([[-3.0, 3.0], [1.0, -3.0]]).reshape(1, 2, 2, 1)

@@ -208,7 +208,7 @@ def adjoint_map(h, plans, sizes, fn, extras=()) -> jax.Array:
         [_phase(p, n, r) for r in range(min(p.stride, n))]
         for p, n in zip(plans, sizes, strict=True)
     ]
-    results = {}
+    results, unread = {}, {}
     for combo in itertools.product(*(range(len(ph)) for ph in phases)):
         chosen = [ph[r] for ph, r in zip(phases, combo, strict=True)]
         views, xs = list(arrays), list(extras)
@@ -220,7 +220,7 @@ def adjoint_map(h, plans, sizes, fn, extras=()) -> jax.Array:
             shape = list(arrays[0].shape)
             for plan, c in zip(plans, chosen, strict=True):
                 shape[plan.axis] = c[2]
-            results[combo] = jnp.zeros(shape, arrays[0].dtype)
+            unread[combo] = shape  # phases no window reads (stride > window)
             continue
 
         def block_fn(parts, ranges, sub=sub, xs=xs):
@@ -228,6 +228,8 @@ def adjoint_map(h, plans, sizes, fn, extras=()) -> jax.Array:
 
         source = tuple(views) if isinstance(h, tuple) else views[0]
         results[combo] = box_map(source, sub, block_fn, 0)
+    dtype = next(iter(results.values())).dtype if results else arrays[0].dtype
+    results.update({combo: jnp.zeros(shape, dtype) for combo, shape in unread.items()})
     return _weave(results, plans, sizes, phases, ())
 
 

@@ -28,11 +28,18 @@ def linear_primitive(name: str, impl: Callable, shape: Callable, lead: Callable)
     **params)`` gives its result's shape and ``lead(params)`` the params of the same map on an
     array with one more leading axis. Its transpose is set by :func:`adjoint_pair`."""
     primitive = Primitive(name)
+
+    def impl_in_dtype(x, **params):  # the abstract value's dtype, never weak-typed
+        return impl(x, **params).astype(x.dtype)
+
+    impl_in_dtype.__signature__ = inspect.signature(impl)
     keywords = inspect.signature(impl).parameters.values()
     static = tuple(k.name for k in keywords if k.kind is inspect.Parameter.KEYWORD_ONLY)
-    primitive.def_impl(jax.jit(impl, static_argnames=static))
-    primitive.def_abstract_eval(lambda x, **params: x.update(shape=shape(x.shape, **params)))
-    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=False))
+    primitive.def_impl(jax.jit(impl_in_dtype, static_argnames=static))
+    primitive.def_abstract_eval(
+        lambda x, **params: x.update(shape=shape(x.shape, **params), weak_type=False)
+    )
+    mlir.register_lowering(primitive, mlir.lower_fun(impl_in_dtype, multiple_results=False))
     batching.primitive_batchers[primitive] = functools.partial(_batched, primitive, lead)
     return primitive
 

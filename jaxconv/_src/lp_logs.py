@@ -55,8 +55,10 @@ def _log_ratio(a, m):
     so that no derivative of any order is NaN."""
     d = (a - m) / m
     near = d >= -0.5
-    far = jnp.log(jnp.maximum(a / m, jnp.finfo(m.dtype).tiny))
-    return jnp.where(near, jnp.log1p(jnp.maximum(d, -0.5)), far)
+    r, tiny = a / m, jnp.finfo(m.dtype).tiny
+    # selects, not jnp.maximum, whose derivative at a tie (d = -0.5: a = m/2) is half
+    far = jnp.log(jnp.where(r >= tiny, r, tiny))
+    return jnp.where(near, jnp.log1p(jnp.where(near, d, -0.5)), far)
 
 
 def _window_log_ratio(a, m):
