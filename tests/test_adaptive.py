@@ -136,7 +136,8 @@ def test_equinox_disagreement_case():
     assert np.abs(np.asarray(eqx_avg) - t_avg[0]).max() > 0.1  # the case discriminates
 
 
-LONG = [(100, 7), (200, 3)]  # lengths 15 and 16; 67 and 68 (over 64 taps)
+# lengths 15 and 16, 43 and 44 (winners by the tap fold); 67 and 68 (one variadic reduction)
+LONG = [(100, 7), (300, 7), (200, 3)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])

@@ -82,6 +82,7 @@ from jaxconv._src.stacked import (
     WINDOW_VALUES_MIN_KERNEL,
     flat_pick,
     flat_pickable,
+    folds_winners,
     gathered,
     gathered_stage,
     stacked_max,
@@ -165,7 +166,7 @@ def max_stages(x, aux, plans):
     value, fill = _as_keys(x)
     stages, finals = [], []
     for plan, a in zip(reversed(plans), reversed(aux), strict=True):
-        if gathered(plan):
+        if gathered(plan) and not folds_winners(plan):
             value, offset, finals = _stacked_fold(value, a, plan, finals)
             stages.append(offset)
             finals.append(offset)
@@ -341,7 +342,7 @@ def _stacked(plan) -> bool:
 
 def _axis_stage(x, plan, a):
     """Winner along one axis: its value and tap offset (the tangent rule's residual)."""
-    if _stacked(plan):
+    if _stacked(plan) and not folds_winners(plan):
         return _stacked_argmax(x, a, plan)
     if use_reduce_window(plan):
         return argmax_stage(x, plan)

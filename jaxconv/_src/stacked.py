@@ -29,6 +29,21 @@ def gathered(plan) -> bool:
     return getattr(plan, "gathered_winners", False)
 
 
+# Gathered plans of this many taps find their winners by the tap fold instead (their tangent
+# still gathers at the winners): XLA's CPU compiler does not vectorise the variadic reduction,
+# and its cost grows faster than the taps. float32 NHWC (32, S, S, 64) -> 7x7 forward plus
+# backward, interleaved processes: 90 -> 7 (13-14 taps) 39-41 against 64-68 ms, 100 -> 7
+# (15-16) 28-30 against 77-79 ms, 150 -> 7 (22-23) 51 against 160-164 ms; (8, S, S, 16):
+# 300 -> 7 (44) 13 against 38 ms. Fewer taps fold slower (60 -> 7, 9-10 taps: 16-19 against
+# 12-13 ms), and more compile too long (450 -> 7, 65 taps: 1.2-1.4 s; 1000 -> 7: 12 s).
+FOLDED_WINNERS_KERNELS = range(13, 49)
+
+
+def folds_winners(plan) -> bool:
+    """Gathered plans whose winners come from the tap fold (:data:`FOLDED_WINNERS_KERNELS`)."""
+    return gathered(plan) and plan.kernel in FOLDED_WINNERS_KERNELS
+
+
 # Gathered plans of more taps than this reduce ``window`` for the value alone too; fewer fold
 # their taps, whose loops XLA's CPU compiler fuses best for floats, but whose compile time grows
 # with the taps. float32, forward: (8, 300, 300, 16) -> 7x7 (44 taps) 3.1-4.5 against 21-29 ms,
