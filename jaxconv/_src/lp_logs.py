@@ -56,8 +56,8 @@ def _log_ratio(a, m):
     d = (a - m) / m
     near = d >= -0.5
     r, tiny = a / m, jnp.finfo(m.dtype).tiny
-    # selects, not jnp.maximum, whose derivative at a tie (d = -0.5: a = m/2) is half
-    far = jnp.log(jnp.where(r >= tiny, r, tiny))
+    # selects, not jnp.maximum, whose derivative at a tie (d = -0.5: a = m/2) is half; NaN kept
+    far = jnp.log(jnp.where(r < tiny, tiny, r))
     return jnp.where(near, jnp.log1p(jnp.where(near, d, -0.5)), far)
 
 
