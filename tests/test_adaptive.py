@@ -136,8 +136,8 @@ def test_equinox_disagreement_case():
     assert np.abs(np.asarray(eqx_avg) - t_avg[0]).max() > 0.1  # the case discriminates
 
 
-# lengths 15 and 16, 43 and 44 (winners by the tap fold); 67 and 68 (one variadic reduction)
-LONG = [(100, 7), (300, 7), (200, 3)]
+# lengths 15 and 16, 22 and 23 (winners by the tap fold); 67 and 68 (one variadic reduction)
+LONG = [(100, 7), (150, 7), (200, 3)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])

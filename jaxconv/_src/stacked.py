@@ -33,10 +33,11 @@ def gathered(plan) -> bool:
 # still gathers at the winners): XLA's CPU compiler does not vectorise the variadic reduction,
 # and its cost grows faster than the taps. float32 NHWC (32, S, S, 64) -> 7x7 forward plus
 # backward, interleaved processes: 90 -> 7 (13-14 taps) 39-41 against 64-68 ms, 100 -> 7
-# (15-16) 28-30 against 77-79 ms, 150 -> 7 (22-23) 51 against 160-164 ms; (8, S, S, 16):
-# 300 -> 7 (44) 13 against 38 ms. Fewer taps fold slower (60 -> 7, 9-10 taps: 16-19 against
-# 12-13 ms), and more compile too long (450 -> 7, 65 taps: 1.2-1.4 s; 1000 -> 7: 12 s).
-FOLDED_WINNERS_KERNELS = range(13, 49)
+# (15-16) 28-30 against 77-79 ms, 150 -> 7 (22-23) 51 against 160-164 ms. Fewer taps fold
+# slower (60 -> 7, 9-10 taps: 16-19 against 12-13 ms). More taps fold faster too ((8, 300,
+# 300, 16) -> 7x7, 44 taps: 13 against 38 ms), but the gradient then compiles in 1.0-2.3 s
+# against 0.1-0.2 s; at 24 taps in 0.4-0.8 s ((2, 68, 68, 4) -> 3x3, 2-D and 3-D).
+FOLDED_WINNERS_KERNELS = range(13, 25)
 
 
 def folds_winners(plan) -> bool:
