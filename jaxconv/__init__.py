@@ -1,6 +1,7 @@
 """jaxconv: convolution and pooling for JAX with PyTorch-exact semantics."""
 
-from jaxconv._src.adaptive import adaptive_avg_pool, adaptive_max_pool
+from jaxconv._src.adaptive import adaptive_max_pool
+from jaxconv._src.adaptive_avg import adaptive_avg_pool
 from jaxconv._src.arithmetic import conv_output_size, conv_transpose_output_size
 from jaxconv._src.avg import avg_pool
 from jaxconv._src.conv import conv

@@ -450,6 +450,27 @@ def test_large_values_stay_finite():
         np.testing.assert_allclose(y, np.moveaxis(ref.numpy(), 1, -1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("size", [(4, 5), (5, 3), (1, 1), (24, 20)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linear_transpose_and_tangents_beside_the_overflow_rescue(size, dtype):
+    """Where a float32 sum can overflow, the forward pass rescues it under a value-dependent
+    ``lax.cond``; the adjoint is a primitive of its own, so ``jax.linear_transpose`` works and
+    equals the float64 adjoint, and a tangent of huge values is averaged with the rescue."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 12, 10, 3)), dtype)
+    f = lambda v: jaxconv.adaptive_avg_pool(v, size)  # noqa: E731
+    g = jnp.asarray(rng.standard_normal(f(x).shape), dtype)
+    (got,) = jax.jit(jax.linear_transpose(f, x))(g)
+    want = jax.vjp(f, x.astype(jnp.float64))[1](g.astype(jnp.float64))[0]
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+    big = jnp.asarray(rng.uniform(1e38, 3e38, x.shape), dtype)
+    _, tangent = jax.jvp(f, (x,), (big,))
+    np.testing.assert_array_equal(tangent, f(big))
+    assert np.all(np.isfinite(np.asarray(tangent, np.float64)))
+
+
 def test_infinite_inputs_propagate():
     x = np.ones((1, 6, 1), np.float32)
     x[0, 1], x[0, 4], x[0, 5] = np.inf, np.inf, -np.inf
