@@ -366,6 +366,22 @@ def test_without_indices_a_large_volume_is_fine():
     assert jax.eval_shape(lambda x: jaxconv.adaptive_max_pool(x, (2, 2)), BIG).shape == (1, 2, 2, 1)
 
 
+@pytest.mark.parametrize(
+    "name, arg, call",
+    [
+        ("max_pool", "window", lambda: jaxconv.max_pool(X, (2, 6))),
+        ("avg_pool", "window", lambda: jaxconv.avg_pool(X, (2, 6))),
+        ("lp_pool", "window", lambda: jaxconv.lp_pool(X, 2.0, (2, 6))),
+        ("conv", "w", lambda: jaxconv.conv(X, np.ones((2, 6, 2, 1), np.float32))),
+        ("conv_output_size", "kernel", lambda: jaxconv.conv_output_size((5, 5), (2, 6))),
+    ],
+)
+def test_a_window_longer_than_the_padded_input_names_its_argument_and_axis(name, arg, call):
+    want = rf"^{name}: `{arg}` gives a window \(kernel 6, dilation 1, span 6\) larger than the "
+    with pytest.raises(ValueError, match=want + r"padded input on spatial axis 1 \(5 \+ padding"):
+        call()
+
+
 def test_graham_names_no_window():
     """Graham's regions have no window: an output longer than the input says so."""
     with pytest.raises(ValueError, match=r"output size 7 exceeds spatial axis 0 of size 6") as e:

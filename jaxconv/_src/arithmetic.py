@@ -88,8 +88,11 @@ def resolve_padding(
     return tuple((p, p) for p in per_axis(fname, "padding", padding, n, minimum=0))
 
 
-def pool_output_size_1d(fname, in_size, kernel, stride, pad, dilation, ceil_mode) -> int:
-    """Output length along one axis; raises if the window does not fit the padded input."""
+def pool_output_size_1d(
+    fname, in_size, kernel, stride, pad, dilation, ceil_mode, *, arg: str, axis: int
+) -> int:
+    """Output length along spatial axis ``axis``; raises, naming the argument ``arg`` that
+    gives the kernel, if the window does not fit the padded input."""
     lo, hi = pad
     span = dilation * (kernel - 1) + 1
     room = in_size + lo + hi - span
@@ -98,9 +101,9 @@ def pool_output_size_1d(fname, in_size, kernel, stride, pad, dilation, ceil_mode
         out -= 1
     if room < 0 and (out < 1 or not ceil_mode):
         raise ValueError(
-            f"{fname}: the window (kernel {kernel}, dilation {dilation}, span {span}) is larger "
-            f"than the padded input ({in_size} + padding {lo} + {hi} = {in_size + lo + hi}) "
-            "on some spatial axis."
+            f"{fname}: `{arg}` gives a window (kernel {kernel}, dilation {dilation}, span "
+            f"{span}) larger than the padded input on spatial axis {axis} ({in_size} + padding "
+            f"{lo} + {hi} = {in_size + lo + hi}); the span must be at most that."
         )
     return out
 
@@ -156,9 +159,10 @@ def conv_output_size(
     pads = resolve_padding(
         fname, padding, n, kernel=k, stride=s, dilation=d, in_sizes=sizes, allowed=PADDING_STRINGS
     )
+    ceil_mode = check_bool(fname, "ceil_mode", ceil_mode)
     out = tuple(
-        pool_output_size_1d(fname, *a, check_bool(fname, "ceil_mode", ceil_mode))
-        for a in zip(sizes, k, s, pads, d, strict=True)
+        pool_output_size_1d(fname, *a, ceil_mode, arg="kernel", axis=i)
+        for i, a in enumerate(zip(sizes, k, s, pads, d, strict=True))
     )
     return out[0] if scalar else out
 

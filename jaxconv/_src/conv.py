@@ -244,8 +244,9 @@ def _conv_geometry(fname: str, lay: _Layout, stride, padding, dilation):
         in_sizes=lay.sizes,
         allowed=("VALID", "SAME", "FULL"),
     )
-    for args in zip(lay.sizes, lay.kernel, stride, pads, dilation, strict=True):
-        pool_output_size_1d(fname, *args, False)
+    rows = zip(lay.sizes, lay.kernel, stride, pads, dilation, strict=True)
+    for axis, args in enumerate(rows):
+        pool_output_size_1d(fname, *args, False, arg="w", axis=axis)
     return stride, dilation, pads
 
 
@@ -295,12 +296,9 @@ def conv(
 
     A depthwise ``w`` (``groups == C_in > 1``, at most 49 taps, any multiplier ``m``) runs on the
     CPU as a sum of the kernel's taps, each a slice of ``x`` times its weights: XLA's grouped
-    convolution does ``C_in`` times the work there (3x3 on float32 NHWC (8, 56, 56, 64): 0.3
-    against 30 ms forward, 6 against 73 ms forward plus backward). Other grouped convolutions
-    (up to 64 groups) run on the CPU as one dense convolution per group (8 groups on (8, 56,
-    56, 128): forward plus backward 14 against 1392 ms). An ungrouped 1x1 kernel runs on the CPU
-    as a matrix product (float32 (8, 56, 56, 64) to 256 channels: forward 1.9 against 3.9 ms,
-    forward plus backward 8.6 against 25 ms).
+    convolution does ``C_in`` times the work there. Other grouped convolutions (up to 64
+    groups) run on the CPU as one dense convolution per group, and an ungrouped 1x1 kernel as a
+    matrix product. README.md (Derivative rules, Benchmarks) gives the timings.
 
     Example:
       >>> x = jnp.ones((2, 8, 8, 3))

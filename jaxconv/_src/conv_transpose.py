@@ -128,8 +128,8 @@ def conv_transpose(
     Supports jit, vmap, grad (y, w, bias), jvp and higher orders (hessian). float16, bfloat16,
     float32, float64. The derivative in ``w`` on the CPU is ``conv``'s derivative in ``w``, by
     the adjoint identity ``<conv_transpose(y, w), g> = <y, conv(g, w)>``: XLA's own rule there
-    reverses the kernel window, which its CPU backend runs as a slow loop (3x3 stride 2 on
-    float32 NHWC (8, 28, 28, 64): forward plus backward 9 against 145 ms).
+    reverses the kernel window, which its CPU backend runs as a slow loop (README.md,
+    Benchmarks: 3x3 stride 2 on float32 NHWC (8, 28, 28, 64), forward plus backward).
 
     Example:
       >>> y = jnp.ones((1, 4, 4, 16))

@@ -22,11 +22,12 @@ taps as gathers of unique indices, which GPUs pick from instead (see :func:`_pic
 plan may further have ``pick(t, aux, offset)``, its own tangent pick (None where it has none),
 and ``stored_winners``: when true, the winners are found by reductions over ``window`` (below).
 A plan with ``gathered_winners`` true finds its winners and carried offsets by one variadic
-reduction over ``window`` and gathers its tangent at the winners (its ``pick``), so the
-derivative's program does not grow with the window length (long adaptive windows of varying
-lengths); its value alone folds its taps up to ``WINDOW_VALUES_MIN_KERNEL`` taps (16-bit
-order keys: ``KEY_WINDOW_VALUES_MIN_KERNEL``) and reduces ``window`` beyond (see
-:mod:`jaxconv._src.stacked`).
+reduction over ``window`` (by the tap fold at 13 to 24 taps,
+:data:`~jaxconv._src.stacked.FOLDED_WINNERS_KERNELS`) and gathers its tangent at the winners
+(its ``pick``), so the derivative's program does not grow with the window length (long
+adaptive windows of varying lengths); its value alone folds its taps up to
+``WINDOW_VALUES_MIN_KERNEL`` taps (16-bit order keys: ``KEY_WINDOW_VALUES_MIN_KERNEL``) and
+reduces ``window`` beyond (see :mod:`jaxconv._src.stacked`).
 
 Tie rule (PyTorch's CPU kernels): scanning the window in row-major order, a value replaces the
 current maximum when it is larger or NaN; so the first maximum wins and the last NaN wins. Reducing

@@ -7,10 +7,10 @@ Plans with ``gathered_winners`` (adaptive windows of varying lengths,
 :class:`~jaxconv._src.adaptive.StackedAdaptivePlan`) hand :mod:`jaxconv._src.select` their taps
 stacked after the axis by :meth:`window`. Their winners come from one variadic reduction over
 ``(value, offset)`` with PyTorch's tie rule as its comparator, which XLA's CPU compiler fuses with
-the gather; their value alone reduces the stack only beyond ``WINDOW_VALUES_MIN_KERNEL`` taps
-(16-bit order keys beyond ``KEY_WINDOW_VALUES_MIN_KERNEL``).
-Their tangent gathers the winners (the plans' ``pick``), on the CPU over all axes at once
-(:func:`flat_pick`).
+the gather (at 13 to 24 taps from the tap fold instead, :data:`FOLDED_WINNERS_KERNELS`); their
+value alone reduces the stack only beyond ``WINDOW_VALUES_MIN_KERNEL`` taps (16-bit order keys
+beyond ``KEY_WINDOW_VALUES_MIN_KERNEL``). Their tangent gathers the winners (the plans'
+``pick``), on the CPU over all axes at once (:func:`flat_pick`).
 """
 
 import functools
@@ -25,7 +25,8 @@ from jaxconv._src.window_argmax import key_wins, later_wins, offset_dtype
 
 
 def gathered(plan) -> bool:
-    """Plans whose winners come from one variadic reduction over ``window``."""
+    """Plans whose winners come from ``window``: one variadic reduction over it, or the tap fold
+    (:func:`folds_winners`)."""
     return getattr(plan, "gathered_winners", False)
 
 

@@ -140,12 +140,12 @@ def window_spec(
         fname, padding, n, kernel=kernel, stride=strides, dilation=dilation, in_sizes=sizes
     )
     _check_pad_limit(fname, pads, kernel, dilation, pad_limit)
-    rows = zip(axes, sizes, kernel, strides, dilation, pads, strict=True)
-    plans = tuple(
-        AxisPlan(a, i, k, s, d, lo, hi, pool_output_size_1d(fname, i, k, s, (lo, hi), d, ceil_mode))
-        for a, i, k, s, d, (lo, hi) in rows
-    )
-    return WindowSpec(plans, channel_axis, len(shape), ceil_mode)
+    plans = []
+    for n, row in enumerate(zip(axes, sizes, kernel, strides, dilation, pads, strict=True)):
+        a, i, k, s, d, (lo, hi) = row
+        out = pool_output_size_1d(fname, i, k, s, (lo, hi), d, ceil_mode, arg="window", axis=n)
+        plans.append(AxisPlan(a, i, k, s, d, lo, hi, out))
+    return WindowSpec(tuple(plans), channel_axis, len(shape), ceil_mode)
 
 
 def pad_axis(x: jnp.ndarray, axis: int, lo: int, hi: int, value) -> jnp.ndarray:
