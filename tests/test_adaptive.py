@@ -340,6 +340,32 @@ def test_vmap_and_jit_agree():
         np.testing.assert_allclose(mapped, direct, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "shape, output_size",
+    [((2, 60, 3), (7,)), ((2, 13, 11, 3), (5, 4)), ((2, 10, 40, 8, 2), (4, 6, 5))],
+)
+def test_cpu_max_gradient_over_varying_windows_gathers(shape, output_size):
+    """On the CPU the tangent gathers at the winners' flat positions and its adjoint gathers
+    the cotangents of the windows holding each element (no scatter); under vmap and jit it
+    equals PyTorch's gradient, integer cotangents summing exactly in any order."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.integers(-3, 4, (2, *shape)), jnp.float32)  # ties between windows
+    g = jnp.asarray(rng.integers(-9, 9, (2, *shape[:1], *output_size, shape[-1])), jnp.float32)
+
+    def grad(v, c):
+        return jax.vjp(lambda u: jaxconv.adaptive_max_pool(u, output_size), v)[1](c)[0]
+
+    text = jax.jit(grad).lower(x[0], g[0]).compile().as_text()
+    assert "scatter" not in text
+    got = jax.jit(jax.vmap(grad))(x, g)
+    for xi, gi, want in zip(x, g, got, strict=True):
+        tx = torch.tensor(np.moveaxis(np.asarray(xi), -1, 1), requires_grad=True)
+        pool = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
+        y = pool[len(output_size) - 1](tx, output_size)
+        y.backward(torch.tensor(np.moveaxis(np.asarray(gi), -1, 1)))
+        np.testing.assert_array_equal(np.moveaxis(tx.grad.numpy(), 1, -1), want)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_half_precision(dtype):
     rng = np.random.default_rng(5)

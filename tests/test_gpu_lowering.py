@@ -294,11 +294,11 @@ def test_gpu_per_axis_picks_equal_the_cpu_flat_pick(shape, output_size):
     """GPUs pick the tangent at adaptive max winners one axis at a time; the CPU gathers all
     axes at once at the flat positions. Same tangents and cotangents (integer cotangents, so
     the sums are exact in any order), checked here on the CPU."""
-    from jaxconv._src import select, stacked
+    from jaxconv._src import flat_pick, select
 
     x = _tied(shape, jnp.float32, 3, nan=0.01)
     plans = _adaptive_plans(shape, output_size)
-    assert stacked.flat_pickable(plans)
+    assert flat_pick.flat_pickable(plans)
     aux = (None,) * len(plans)
     _, stages, _ = select.max_stages(x, aux, plans)
     t = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
@@ -307,7 +307,7 @@ def test_gpu_per_axis_picks_equal_the_cpu_flat_pick(shape, output_size):
         return select.pick(t, aux, plans, stages)
 
     def cpu(t):
-        return stacked.flat_pick(t, *stages, plans=plans)
+        return flat_pick.flat_pick(t, *stages, plans=plans)
 
     np.testing.assert_array_equal(gpu(t), cpu(t))
     g = jnp.asarray(np.random.default_rng(1).integers(-9, 9, gpu(t).shape), jnp.float32)

@@ -62,6 +62,16 @@ class AdaptivePlan:
         ends = -((-np.arange(1, self.out + 1, dtype=np.int64) * self.size) // self.out)
         return ends - self.starts
 
+    def containing(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per input position: the last window that starts at or before it, the window before
+        that one, and whether that one holds the position too (for ``out < size`` no position
+        lies in more than these two)."""
+        i = np.arange(self.size)
+        last = np.maximum(np.searchsorted(self.starts, i, side="right") - 1, 0)
+        before = np.maximum(last - 1, 0)
+        shared = (last > 0) & (self.starts[before] + self.lengths[before] > i)
+        return last, before, shared
+
     @property
     def kernel(self) -> int:
         return int(self.lengths.max())

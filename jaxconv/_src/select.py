@@ -70,6 +70,7 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.batching import all_over_batch
+from jaxconv._src.flat_pick import flat_pick, flat_pickable
 from jaxconv._src.joint import joint_max, joint_pick, use_joint
 from jaxconv._src.order import (
     from_key,
@@ -81,8 +82,6 @@ from jaxconv._src.order import (
 )
 from jaxconv._src.stacked import (
     WINDOW_VALUES_MIN_KERNEL,
-    flat_pick,
-    flat_pickable,
     folds_winners,
     gathered,
     gathered_stage,
@@ -203,20 +202,23 @@ def pick(t, aux, plans, stages):
 
 
 def pick_at_winners(t, aux, plans, stages):
-    """:func:`pick`, but where every plan gathers its winners, on the CPU one gather at their
-    flat positions (:func:`~jaxconv._src.stacked.flat_pick`), whose transpose scatters one
-    term per output, not one per output of every stage: float32 (32, 60, 60, 64) -> 7x7
-    transposed picks 3.0 against 10 ms. GPUs pick per axis: there at most two nonzero terms
-    meet at an element, whose sum does not depend on their order (in 2-D a flat scatter could
-    meet four)."""
+    """The tangent taps chosen by ``stages``, one axis at a time; on the CPU, where
+    :func:`~jaxconv._src.flat_pick.flat_pickable`, one gather at the winners' flat positions
+    whose adjoint gathers too (:mod:`jaxconv._src.flat_pick`). The per-axis picks transpose
+    into pads and adds, or into a scatter per axis for gathered plans (float32 (32, 60, 60,
+    64) -> 7x7 transposed picks 10 ms; one flat scatter 3.0 ms); on GPUs those meet at most
+    two nonzero terms at an element, whose sum does not depend on their order."""
+    per_axis = functools.partial(_axis_picks, aux=aux, plans=plans)
     if not flat_pickable(plans):
-        return pick(t, aux, plans, stages)
-
-    def per_axis(t, *stages):
-        return pick(t, aux, plans, stages)
-
+        return per_axis(t, *stages)
     flat = functools.partial(flat_pick, plans=plans)
     return lax.platform_dependent(t, *stages, cpu=flat, default=per_axis)
+
+
+def _axis_picks(t, *stages, aux, plans):
+    for plan, a, offset in zip(reversed(plans), reversed(aux), stages, strict=True):
+        t = _axis_pick(t, plan, a, offset, plan is plans[-1])
+    return t
 
 
 def _pick_taps(taps, offset):
@@ -453,8 +455,4 @@ def staged_max_jvp(x, aux, plans, t):
     for plan, a in zip(reversed(plans), reversed(aux), strict=True):
         x, offset = _axis_stage(x, plan, a)
         stages.append(offset)
-    if flat_pickable(plans):
-        return x, pick_at_winners(t, aux, plans, stages)
-    for plan, a, offset in zip(reversed(plans), reversed(aux), stages, strict=True):
-        t = _axis_pick(t, plan, a, offset, plan is plans[-1])
-    return x, t
+    return x, pick_at_winners(t, aux, plans, stages)

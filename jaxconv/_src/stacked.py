@@ -10,16 +10,14 @@ stacked after the axis by :meth:`window`. Their winners come from one variadic r
 the gather (at 13 to 24 taps from the tap fold instead, :data:`FOLDED_WINNERS_KERNELS`); their
 value alone reduces the stack only beyond ``WINDOW_VALUES_MIN_KERNEL`` taps (16-bit order keys
 beyond ``KEY_WINDOW_VALUES_MIN_KERNEL``). Their tangent gathers the winners (the plans'
-``pick``), on the CPU over all axes at once (:func:`flat_pick`).
+``pick``), on the CPU over all axes at once (:mod:`jaxconv._src.flat_pick`).
 """
 
 import functools
-import math
 
 import jax.numpy as jnp
 from jax import lax
 
-from jaxconv._src.args import INT32_MAX
 from jaxconv._src.order import from_key, is_narrow, order_key, signed_key, tie_key
 from jaxconv._src.window_argmax import key_wins, later_wins, offset_dtype
 
@@ -99,37 +97,6 @@ def gathered_stage(w, axis: int, k: int):
         return lax.reduce((lax.stop_gradient(w), offset), (low, last), key_wins, (axis,))
     init = (jnp.asarray(-jnp.inf, w.dtype), last)
     return lax.reduce((w, offset), init, later_wins, (axis,))
-
-
-def flat_pickable(plans) -> bool:
-    """Two or more gathered plans over a spatial volume whose flat positions fit in int32."""
-    volume = math.prod(p.size for p in plans)
-    return len(plans) > 1 and all(gathered(p) for p in plans) and volume <= INT32_MAX
-
-
-def _merge(a, first: int, k: int):
-    """``a`` with its ``k`` axes from ``first`` merged into one (empty arrays included)."""
-    size = math.prod(a.shape[first : first + k])
-    return a.reshape((*a.shape[:first], size, *a.shape[first + k :]))
-
-
-def _take_merged(a, index, first: int, k: int):
-    """``a`` at ``index``, flat positions over the ``k`` spatial axes from ``first`` (merged)."""
-    flat = _merge(index, first, k)
-    return jnp.take_along_axis(_merge(a, first, k), flat, first, mode="clip").reshape(index.shape)
-
-
-def flat_pick(t, *stages, plans):
-    """The tangent ``t`` at the winners of gathered ``plans``: one gather at their flat
-    positions. ``stages`` are the winners' offsets in reduction order (last axis first); the
-    offsets of each stage are read at the winners of the stages after it."""
-    first, flat = plans[0].axis, None
-    for k, (plan, offset) in enumerate(zip(plans, reversed(stages), strict=True)):
-        if k:
-            offset = _take_merged(offset, flat, first, k)
-        position = plan.position(offset)
-        flat = position if flat is None else flat * plan.size + position
-    return _take_merged(t, flat, first, len(plans))
 
 
 def stacked_stage(w, axis: int, k: int):
