@@ -305,7 +305,7 @@ def test_traced_p_gradient_beside_an_infinity_is_its_limit():
         assert np.isnan(g[:, 2:]).all()
 
 
-@pytest.mark.parametrize("p", [2.0, 3.0, 8.0, 100.0, 2000.0])
+@pytest.mark.parametrize("p", [2.0, 3.0, 8.0, 100.0, 2000.0, float("inf")])
 def test_static_p_gradient_beside_an_infinity_and_in_a_nan_window(p):
     """Finite elements of a window holding inf get a zero gradient, and every element of a
     window holding NaN gets NaN (the norm is NaN there), as with a traced ``p``. The infinity
@@ -316,6 +316,29 @@ def test_static_p_gradient_beside_an_infinity_and_in_a_nan_window(p):
     np.testing.assert_array_equal(g[:, :2].ravel()[1:], [0.0, 0.0, 0.0])
     assert np.isnan(g[:, 2:]).all()
     assert g[0, 0] == 1.0 if p >= 1024 else np.isnan(g[0, 0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+@pytest.mark.parametrize("p", ["traced", 3.0, 1024.0, 1e6])
+def test_maxima_near_the_smallest_normal_number(dtype, p):
+    """Windows whose largest element is 1 to 4 times the smallest normal number: the norm and
+    its gradient are those of the same window scaled up (the log form took near-maximal
+    elements for ties there, when their difference to the maximum was subnormal)."""
+    tiny = float(jnp.finfo(jnp.float32 if dtype == jnp.bfloat16 else dtype).tiny)
+    rng = np.random.default_rng(7)
+    base = jnp.asarray(rng.uniform(1.0, 4.0, (2, 6, 1)), dtype)
+    q = jnp.asarray(3.0, dtype if dtype != jnp.bfloat16 else jnp.float32) if p == "traced" else p
+
+    def f(v):
+        return jnp.sum(jaxconv.lp_pool(v, q, (3,), 3))
+
+    small = (base.astype(jnp.float64) * tiny).astype(dtype)
+    assert float(jnp.min(jnp.abs(small.astype(jnp.float64)))) >= tiny  # every element normal
+    y, g = jax.value_and_grad(f)(small)
+    y1, g1 = jax.value_and_grad(f)(base)
+    rtol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(float(y) / tiny, float(y1), rtol=rtol)
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(g1, np.float64), rtol=rtol)
 
 
 @pytest.mark.parametrize("p", ["traced", 1e39])
@@ -456,6 +479,7 @@ def test_hessian_is_forward_over_reverse_and_equals_reverse_over_reverse():
         (jnp.array([2.0, 3.0]), TypeError, "scalar"),
         (jnp.array(2), TypeError, "floating"),
         (jnp.array(0.5), ValueError, ">= 1"),
+        pytest.param(10**400, ValueError, "int of 1329 bits", id="int-beyond-float"),
     ],
 )
 def test_bad_p_raises_clear_errors(p, error, match):

@@ -286,10 +286,13 @@ def _norm_inf_fwd(x, plans):
 
 
 def _norm_inf_bwd(plans, res, g):
+    """The cotangent to each window's first maximum; NaN to every element of a NaN window
+    (as for finite ``p``), where no element equals the maximum."""
     x, y = res
     parts = box_taps(x, plans, 0)
     masks = _first_max_mask([jnp.abs(t) for t in parts], y)
-    grads = [jnp.where(k, g * jnp.sign(t), 0) for k, t in zip(masks, parts, strict=True)]
+    rest = jnp.where(jnp.isnan(y), g * y, 0)
+    grads = [jnp.where(k, g * jnp.sign(t), rest) for k, t in zip(masks, parts, strict=True)]
     return (_transpose_taps(x, plans, grads),)
 
 
@@ -299,7 +302,13 @@ _norm_inf.defvjp(_norm_inf_fwd, _norm_inf_bwd)
 def _check_p(p):
     """``p`` as a Python float (static) or a scalar floating array (traced, learnable)."""
     if is_real(p):
-        value = float(p)
+        try:
+            value = float(p)
+        except OverflowError:
+            raise ValueError(
+                f"{_FNAME}: `p` must be a float >= 1 (or float('inf')), got an int of "
+                f"{int(p).bit_length()} bits, beyond the float range."
+            ) from None
         if math.isnan(value) or value < 1:
             raise ValueError(f"{_FNAME}: `p` must be >= 1 (or float('inf')), got {p!r}.")
         return value
