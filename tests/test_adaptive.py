@@ -366,6 +366,26 @@ def test_cpu_max_gradient_over_varying_windows_gathers(shape, output_size):
         np.testing.assert_array_equal(np.moveaxis(tx.grad.numpy(), 1, -1), want)
 
 
+def test_cotangents_of_overlapping_windows_add_in_window_order():
+    """One element winning four overlapping windows sums their cotangents in PyTorch's order
+    (row-major over the windows): 1 + 1e8 + 1 - 1e8 is 0 in float32 that way."""
+    x = np.zeros((1, 5, 5, 1), np.float32)
+    x[0, 1, 1, 0] = 1
+    g = np.zeros((1, 3, 3, 1), np.float32)
+    g[0, :2, :2, 0] = [[1, 1e8], [1, -1e8]]
+    f = jax.jit(jax.vjp(lambda v: jaxconv.adaptive_max_pool(v, (3, 3)), jnp.asarray(x))[1])
+    tx = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
+    F.adaptive_max_pool2d(tx, (3, 3)).backward(torch.tensor(np.moveaxis(g, -1, 1)))
+    got = f(jnp.asarray(g))[0]
+    np.testing.assert_array_equal(got, np.moveaxis(tx.grad.numpy(), 1, -1))
+    assert got[0, 1, 1, 0] == 0
+
+
+def test_identity_is_not_weak_typed():
+    w = jnp.broadcast_to(jnp.asarray(2.0), (1, 6, 1))
+    assert not jaxconv.adaptive_avg_pool(w, (6,)).weak_type
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_half_precision(dtype):
     rng = np.random.default_rng(5)

@@ -241,6 +241,39 @@ def test_ties_send_the_gradient_to_the_first_max():
     np.testing.assert_array_equal(got[0, 0], expected)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize(
+    "shape, pool",
+    [
+        ((1, 5, 1), lambda v, i: jaxconv.max_pool(v, (3,), 2, return_indices=i)),
+        ((1, 5, 5, 1), lambda v, i: jaxconv.max_pool(v, (3, 3), 2, 1, return_indices=i)),
+        ((1, 5, 1), lambda v, i: jaxconv.adaptive_max_pool(v, (2,), return_indices=i)),
+    ],
+    ids=["max 3 stride 2", "max 3x3 s2 p1", "adaptive 5 -> 2"],
+)
+def test_second_derivatives_at_ties_follow_the_first_winner(shape, pool, dtype):
+    """Tied windows: the Hessian of sum(y**3) is that of the first winners picked by index
+    (``-6`` on their diagonal here), with and without indices; a max of the taps in the
+    tangent rule split the second derivative among the tied taps."""
+    x = -jnp.ones(shape, dtype)
+    _, index = pool(x, True)
+    flat_x = x.reshape(x.shape[0], -1, 1)
+
+    def picked(v):
+        flat = v.reshape(flat_x.shape)
+        return jnp.take_along_axis(flat, index.reshape(index.shape[0], -1, 1), axis=1)
+
+    want = jax.hessian(lambda v: jnp.sum(picked(v) ** 3))(x)
+    for with_index in (False, True):
+
+        def f(v, i=with_index):
+            y = pool(v, True)[0] if i else pool(v, False)
+            return jnp.sum(y**3)
+
+        np.testing.assert_array_equal(jax.jacfwd(jax.grad(f))(x), want)
+        np.testing.assert_array_equal(jax.jit(jax.hessian(f))(x), want)
+
+
 def test_nan_propagates_like_torch():
     rng = np.random.default_rng(3)
     x_cf = rng.standard_normal((1, 2, 8, 8)).astype(np.float32)

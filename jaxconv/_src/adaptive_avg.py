@@ -271,4 +271,4 @@ def adaptive_avg_pool(
     plans = adaptive_plans(fname, x.shape, output_size, data_format)
     channel = layout_axes(fname, x.ndim, len(plans), data_format)[1]
     means = _Means(tuple(p for p in plans if p.out != p.size), channel, x.ndim)
-    return _mean_p.bind(x, means=means) if means.plans else x
+    return _mean_p.bind(x, means=means) if means.plans else x.astype(x.dtype)

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.cast import CONVERTED_TAPS, tap_groups
-from jaxconv._src.joint import joint_index, joint_max, joint_pick
+from jaxconv._src.joint import joint_index, joint_max, joint_pick, joint_winners
 from jaxconv._src.order import from_key, is_narrow, lowest_key, order_key, tie_key
 from jaxconv._src.select import (
     joint_path,
@@ -160,7 +160,7 @@ def _joint_max_and_index(x, plans, sizes):
 
 @_joint_max_and_index.defjvp
 def _joint_max_and_index_jvp(plans, sizes, primals, tangents):
-    value, offsets = joint_max(primals[0], plans)
+    value, offsets = joint_winners(primals[0], plans)
     index = joint_index(offsets, plans, sizes)
     no_tangent = np.zeros(index.shape, jax.dtypes.float0)
     return (value, index), (joint_pick(tangents[0], plans, offsets), no_tangent)

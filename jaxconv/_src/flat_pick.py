@@ -87,9 +87,9 @@ def _neighbours(term, axis: int, last, before, inside):
         return jnp.take(v, at, axis=axis, mode="clip", indices_are_sorted=True)
 
     g, index, mask = term
-    yield take(g, last), take(index, last), mask
-    if inside is not None:
+    if inside is not None:  # the earlier window first: terms add in PyTorch's window order
         yield take(g, before), take(index, before), inside if mask is None else mask & inside
+    yield take(g, last), take(index, last), mask
 
 
 def _spread(g, index, *, plans):

@@ -25,6 +25,7 @@ about 1.9 ms for the per-axis pick.
 import functools
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -229,3 +230,18 @@ def joint_pick(t, plans, offset):
         term = jnp.where(offset == flat, part, jnp.zeros((), t.dtype))
         total = term if total is None else total + term
     return total
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def joint_winners(x, plans):
+    """:func:`joint_max` with its offsets, for a tangent rule: the value's own derivative is the
+    pick at the winners (:func:`joint_pick`), so the rule differentiates exactly at ties (its
+    max of taps would split a tie's derivative among the tied taps)."""
+    return joint_max(x, plans)
+
+
+@joint_winners.defjvp
+def _joint_winners_jvp(plans, primals, tangents):
+    value, offsets = joint_winners(primals[0], plans)
+    no_tangent = np.zeros(offsets.shape, jax.dtypes.float0)
+    return (value, offsets), (joint_pick(tangents[0], plans, offsets), no_tangent)

@@ -71,7 +71,7 @@ from jax import lax
 
 from jaxconv._src.batching import all_over_batch
 from jaxconv._src.flat_pick import flat_pick, flat_pickable
-from jaxconv._src.joint import joint_max, joint_pick, use_joint
+from jaxconv._src.joint import joint_max, joint_pick, joint_winners, use_joint
 from jaxconv._src.order import (
     from_key,
     is_nan,
@@ -401,7 +401,7 @@ def _max_reduce_jvp(plans, primals, tangents):
     x, aux = primals
     t, _ = tangents
     if joint_path(plans):
-        value, offsets = joint_max(x, plans)
+        value, offsets = joint_winners(x, plans)
         return value, joint_pick(t, plans, offsets)
     return staged_max_jvp(x, aux, plans, t)
 
