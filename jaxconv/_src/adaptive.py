@@ -8,8 +8,8 @@ when the starts are an arithmetic progression (``In % Out == 0``, ``Out == 1`` a
 50 -> 7), otherwise ``k`` gathers with static indices; the program size never depends on the
 number of outputs. Max pooling over windows of varying lengths (``Out < In``), and averages over
 such windows of more than ``STACKED_MEAN_MIN_KERNEL`` taps (:mod:`jaxconv._src.adaptive_avg`),
-gather all taps at once instead
-(:class:`StackedAdaptivePlan`), so that their derivatives do not grow with ``k`` either.
+gather all taps at once instead (:class:`StackedAdaptivePlan`), so that their derivatives do not
+grow with ``k`` either.
 
 Max reuses the shared selection of :mod:`jaxconv._src.select` (PyTorch's tie rule, flat indices,
 the linear ``custom_jvp`` tangent). Windows of one length at a fixed step (arithmetic starts
