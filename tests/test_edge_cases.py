@@ -125,6 +125,22 @@ def test_constant_input_is_preserved(name, value):
     assert np.isfinite(np.asarray(g)).all()
 
 
+@pytest.mark.parametrize("name", [*OPS, "max_pool_2x2", "adaptive_max_pool_tiled"])
+def test_results_are_never_weak_typed(name):
+    """A weak-typed input (a broadcast Python scalar) gives a result of its dtype that
+    promotes as that dtype, eagerly and under jit alike: every op, every path."""
+    extra = {
+        "max_pool_2x2": lambda x: op("max_pool")(x, (2, 2)),
+        "adaptive_max_pool_tiled": lambda x: op("adaptive_max_pool")(x, (2, 2)),
+    }
+    f = extra.get(name) or OPS[name]
+    with jax.numpy_dtype_promotion("standard"):
+        x = jnp.broadcast_to(jnp.asarray(0.5), (1, 4, 4, 2))
+        assert x.weak_type
+        for y in (f(x), jax.jit(f)(x)):
+            assert not y.weak_type and y.dtype == x.dtype
+
+
 def test_lp_of_constant_window_is_scaled_constant():
     x = jnp.full((1, 4, 4, 2), -1.5, jnp.float32)
     for p in (1.0, 2.0, 3.0, 5.5):

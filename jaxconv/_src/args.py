@@ -111,14 +111,15 @@ def as_array(fname: str, name: str, x) -> jnp.ndarray:
 
 
 def check_floating(fname: str, name: str, x) -> jnp.ndarray:
-    """``x`` as a JAX array of a floating dtype."""
+    """``x`` as a JAX array of a floating dtype, never weak-typed (so that every op's result
+    has ``x``'s dtype in promotion too; a no-op for other arrays)."""
     x = as_array(fname, name, x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{fname}: `{name}` must be a floating-point array (float16, bfloat16, float32 or "
             f"float64), got dtype {x.dtype}."
         )
-    return x
+    return x.astype(x.dtype)
 
 
 def check_index_volume(fname: str, sizes: tuple[int, ...], return_indices: bool) -> None:
