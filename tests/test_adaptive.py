@@ -349,8 +349,11 @@ def test_cpu_max_gradient_over_varying_windows_gathers(shape, output_size):
     the cotangents of the windows holding each element (no scatter); under vmap and jit it
     equals PyTorch's gradient, integer cotangents summing exactly in any order."""
     rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.integers(-3, 4, (2, *shape)), jnp.float32)  # ties between windows
-    g = jnp.asarray(rng.integers(-9, 9, (2, *shape[:1], *output_size, shape[-1])), jnp.float32)
+    cpu = jax.devices("cpu")[0]  # the CPU's program on any host
+    x = jax.device_put(rng.integers(-3, 4, (2, *shape)).astype(np.float32), cpu)  # ties
+    g = jax.device_put(
+        rng.integers(-9, 9, (2, *shape[:1], *output_size, shape[-1])).astype(np.float32), cpu
+    )
 
     def grad(v, c):
         return jax.vjp(lambda u: jaxconv.adaptive_max_pool(u, output_size), v)[1](c)[0]
@@ -373,10 +376,11 @@ def test_cotangents_of_overlapping_windows_add_in_window_order():
     x[0, 1, 1, 0] = 1
     g = np.zeros((1, 3, 3, 1), np.float32)
     g[0, :2, :2, 0] = [[1, 1e8], [1, -1e8]]
-    f = jax.jit(jax.vjp(lambda v: jaxconv.adaptive_max_pool(v, (3, 3)), jnp.asarray(x))[1])
+    with jax.default_device(jax.devices("cpu")[0]):  # the CPU's adjoint on any host
+        f = jax.jit(jax.vjp(lambda v: jaxconv.adaptive_max_pool(v, (3, 3)), jnp.asarray(x))[1])
+        got = f(jnp.asarray(g))[0]
     tx = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
     F.adaptive_max_pool2d(tx, (3, 3)).backward(torch.tensor(np.moveaxis(g, -1, 1)))
-    got = f(jnp.asarray(g))[0]
     np.testing.assert_array_equal(got, np.moveaxis(tx.grad.numpy(), 1, -1))
     assert got[0, 1, 1, 0] == 0
 
