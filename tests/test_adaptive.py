@@ -369,6 +369,31 @@ def test_cpu_max_gradient_over_varying_windows_gathers(shape, output_size):
         np.testing.assert_array_equal(np.moveaxis(tx.grad.numpy(), 1, -1), want)
 
 
+@pytest.mark.parametrize(
+    "shape, output_size",
+    [((2, 20, 3), (7,)), ((2, 20, 20, 3), (7, 7)), ((1, 10, 9, 10, 2), (7,) * 3)],
+)
+def test_gradient_of_a_sum_is_not_constant_folded(shape, output_size):
+    """``jax.grad`` of a sum hands the adjoint a constant cotangent: XLA must not evaluate its
+    gathers at compile time (float32 (32, 100, 100, 64) -> 7x7 compiled in over two minutes
+    that way), so the program keeps every gather that a cotangent argument needs. Checked on
+    the CPU's program, on any host."""
+    x = np.random.default_rng(0).standard_normal(shape, np.float32)
+    x = jax.device_put(x, jax.devices("cpu")[0])
+
+    def pool(v):
+        return jaxconv.adaptive_max_pool(v, output_size)
+
+    def loss(v):
+        return jnp.sum(pool(v))
+
+    ones = jnp.ones_like(jax.eval_shape(pool, x), device=x.device)
+    summed = jax.jit(jax.grad(loss)).lower(x).compile()
+    given = jax.jit(lambda v, c: jax.vjp(pool, v)[1](c)[0]).lower(x, ones).compile()
+    assert summed.as_text().count(" gather(") == given.as_text().count(" gather(") > 0
+    np.testing.assert_array_equal(summed(x), given(x, ones))
+
+
 def test_cotangents_of_overlapping_windows_add_in_window_order():
     """One element winning four overlapping windows sums their cotangents in PyTorch's order
     (row-major over the windows): 1 + 1e8 + 1 - 1e8 is 0 in float32 that way."""
