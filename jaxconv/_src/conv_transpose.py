@@ -26,6 +26,7 @@ from jaxconv._src.conv import (
     _layout,
     _one_batch_axis,
     _restore_batch,
+    bias_dtype,
     conv,
 )
 from jaxconv._src.conv_workarounds import adjoint_padding, crop
@@ -116,7 +117,8 @@ def conv_transpose(
       output_padding: extra output size on the high side, int or per axis, smaller than the stride
         or the dilation (it picks which input size the adjoint is for; must be 0 with "SAME").
       groups: the convolution's feature groups.
-      bias: ``(C_in,)`` (one per output channel of this function) or None.
+      bias: ``(C_in,)`` (one per output channel of this function) or None. float16/bfloat16:
+        added to the float32 result, which is rounded once (as PyTorch).
       data_format: "channels_last" or "channels_first".
       precision: as in :func:`conv`.
 
@@ -149,9 +151,10 @@ def conv_transpose(
     tpads, pads = _transpose_geometry(fname, lay, padding, stride, dilation, output_padding)
     yb = _one_batch_axis(y, lay.batch_shape)
     tpads, crops = adjoint_padding(tpads, lay, stride, dilation)
-    geometry = _Transposed(lay, stride, dilation, pads, tpads, crops, groups, precision)
+    out_dtype = bias_dtype(y.dtype, bias)
+    geometry = _Transposed(lay, stride, dilation, pads, tpads, crops, groups, precision, out_dtype)
     out = _adjoint_conv(yb, w, geometry)
-    out = _add_bias(out, bias, lay.channel_axis)
+    out = _add_bias(out, bias, lay.channel_axis, y.dtype)
     return _restore_batch(out, lay.batch_shape)
 
 
@@ -166,6 +169,7 @@ class _Transposed(NamedTuple):
     crop: tuple[tuple[int, int], ...]  # of the dilated convolution's output
     groups: int
     precision: Any
+    out_dtype: Any  # the result's (see conv.bias_dtype); None: the inputs'
 
 
 def _dilated_conv(yb, w, geo: _Transposed):
@@ -181,6 +185,7 @@ def _dilated_conv(yb, w, geo: _Transposed):
         dimension_numbers=lay.dimension_numbers(transpose=True),
         feature_group_count=geo.groups,
         precision=geo.precision,
+        preferred_element_type=geo.out_dtype,
     )
     wt = _transpose_kernel(w, lay, geo.groups)
     if split_groups(geo.groups):
@@ -223,7 +228,7 @@ def _weight_tangent(yb, w, tw, geo: _Transposed, out_shape):
     g_spec = jax.ShapeDtypeStruct(out_shape, yb.dtype)
 
     def cpu(tw):
-        return jax.linear_transpose(conv_weight_vjp, g_spec)(tw)[0]
+        return jax.linear_transpose(conv_weight_vjp, g_spec)(tw)[0].astype(geo.out_dtype or w.dtype)
 
     def xla_form(tw):
         return _dilated_conv(yb, tw, geo)

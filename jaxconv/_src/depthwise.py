@@ -56,11 +56,14 @@ class _Geometry(NamedTuple):
     channel_axis: int
     channels_last: bool
     channels: int  # input channels, before the multiplier
+    out_dtype: object = None  # the result's; None: the inputs'
 
 
-def depthwise_conv(x, w, plans, channel_axis: int, channels_last: bool, xla_conv):
-    """``xla_conv(x, w)`` for a depthwise ``w``, as a sum of taps on the CPU."""
-    geometry = _Geometry(plans, channel_axis, channels_last, x.shape[channel_axis])
+def depthwise_conv(x, w, plans, channel_axis: int, channels_last: bool, xla_conv, out_dtype=None):
+    """``xla_conv(x, w)`` for a depthwise ``w``, as a sum of taps on the CPU. ``out_dtype``: the
+    result's (``xla_conv``'s too), None for the inputs'."""
+    channels = x.shape[channel_axis]
+    geometry = _Geometry(plans, channel_axis, channels_last, channels, out_dtype)
     taps = functools.partial(_taps_conv, geometry=geometry)
     return lax.platform_dependent(x, w, cpu=taps, default=xla_conv)
 
@@ -97,6 +100,8 @@ def _taps_conv(x, w, geometry):
     x, w = _widened(x, w, geometry)
     weights = _tap_weights(w, geometry, x.ndim)
     total = box_map(x, geometry.plans, lambda parts, _: _weighted_sum(parts, weights), 0)
+    if geometry.out_dtype is not None:
+        return total.astype(geometry.out_dtype)
     return narrow(total, dtype, fuse=False)
 
 
@@ -105,7 +110,8 @@ def _sliced_conv(x, w, geometry):
     dtype = jnp.result_type(x, w)
     x, w = _widened(x, w, geometry)
     parts = box_taps(x, geometry.plans, 0)
-    return _weighted_sum(parts, _tap_weights(w, geometry, x.ndim)).astype(dtype)
+    total = _weighted_sum(parts, _tap_weights(w, geometry, x.ndim))
+    return total.astype(geometry.out_dtype or dtype)
 
 
 def _taps_conv_jvp(geometry, primals, tangents):

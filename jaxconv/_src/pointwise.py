@@ -36,14 +36,15 @@ def is_pointwise(groups: int, kernel, pads) -> bool:
     return groups == 1 and all(k == 1 for k in kernel) and all(p == (0, 0) for p in pads)
 
 
-def _product(a, b, dims, precision):
-    """``dot_general``; 16-bit operands multiplied and summed in float32, rounded once."""
+def _product(a, b, dims, precision, out_dtype):
+    """``dot_general``; 16-bit operands multiplied and summed in float32, rounded once (to
+    ``out_dtype``, None for ``a``'s dtype)."""
     wide = jnp.float32 if a.dtype in _HALF else None
     out = lax.dot_general(a, b, dims, precision=precision, preferred_element_type=wide)
-    return out.astype(a.dtype)
+    return out.astype(out_dtype or a.dtype)
 
 
-def _dense(x, w, stride, channels_last: bool, precision):
+def _dense(x, w, stride, channels_last: bool, precision, out_dtype):
     """The 1x1 convolution of ``x`` (one batch axis) as a matrix product."""
     n = x.ndim - 2
     first = 1 if channels_last else 2
@@ -54,7 +55,11 @@ def _dense(x, w, stride, channels_last: bool, precision):
         c_in, c_out = w.shape[-2:]
         rows = math.prod(x.shape[:-1])
         out = _product(
-            x.reshape(rows, c_in), w.reshape(c_in, c_out), (((1,), (0,)), ((), ())), precision
+            x.reshape(rows, c_in),
+            w.reshape(c_in, c_out),
+            (((1,), (0,)), ((), ())),
+            precision,
+            out_dtype,
         )
         return out.reshape((*x.shape[:-1], c_out))
     # channels first, w: (C_out, C_in, 1, ..., 1)
@@ -62,17 +67,19 @@ def _dense(x, w, stride, channels_last: bool, precision):
     c_out = w.shape[0]
     flat = x.reshape(batch, c_in, math.prod(spatial))
     if x.dtype in _HALF:
-        out = _product(w.reshape(c_out, c_in), flat, (((1,), (1,)), ((), ())), precision)
+        dims = (((1,), (1,)), ((), ()))
+        out = _product(w.reshape(c_out, c_in), flat, dims, precision, out_dtype)
         return jnp.moveaxis(out, 0, 1).reshape((batch, c_out, *spatial))
     matrix = jnp.broadcast_to(w.reshape(c_out, c_in), (batch, c_out, c_in))
-    out = _product(matrix, flat, (((2,), (1,)), ((0,), (0,))), precision)
+    out = _product(matrix, flat, (((2,), (1,)), ((0,), (0,))), precision, out_dtype)
     return out.reshape((batch, c_out, *spatial))
 
 
-def pointwise_conv(x, w, stride, channels_last: bool, precision, xla_conv):
-    """``xla_conv(x, w)`` for a 1x1 kernel without padding; a matrix product on the CPU."""
+def pointwise_conv(x, w, stride, channels_last: bool, precision, xla_conv, out_dtype=None):
+    """``xla_conv(x, w)`` for a 1x1 kernel without padding; a matrix product on the CPU.
+    ``out_dtype``: the result's (``xla_conv``'s too), None for ``x``'s."""
 
     def cpu(x, w):
-        return _dense(x, w, stride, channels_last, precision)
+        return _dense(x, w, stride, channels_last, precision, out_dtype)
 
     return lax.platform_dependent(x, w, cpu=cpu, default=xla_conv)
