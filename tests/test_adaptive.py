@@ -375,7 +375,7 @@ def test_cpu_max_gradient_over_varying_windows_gathers(shape, output_size):
 )
 def test_gradient_of_a_sum_is_not_constant_folded(shape, output_size):
     """``jax.grad`` of a sum hands the adjoint a constant cotangent: XLA must not evaluate its
-    gathers at compile time (float32 (32, 100, 100, 64) -> 7x7 compiled in over two minutes
+    gathers at compile time (float32 (32, 100, 100, 64) -> 7x7 compiled in 26 s against 1 s
     that way), so the program keeps every gather that a cotangent argument needs. Checked on
     the CPU's program, on any host."""
     x = np.random.default_rng(0).standard_normal(shape, np.float32)

@@ -50,8 +50,9 @@ def _half_ulp(exact, dtype):
 @pytest.mark.parametrize(("name", "fn", "w_shape", "b_len"), CASES, ids=[c[0] for c in CASES])
 def test_16bit_output_with_bias_is_rounded_once(name, fn, w_shape, b_len, dtype):
     """Every output is within half a unit (plus float32's accumulation error) of the float64
-    result on the same 16-bit inputs, as PyTorch's; rounding the convolution to 16 bits before adding the
-    bias put 18-29% of bfloat16 outputs a whole unit off. Gradients keep the input dtype."""
+    result on the same 16-bit inputs, as PyTorch's; rounding the convolution to 16 bits before
+    adding the bias put 18-29% of bfloat16 outputs a whole unit off. Gradients keep the input
+    dtype."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 6, 6, 16)), dtype)
     w = jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[:-1])), dtype)
