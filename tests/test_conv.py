@@ -540,6 +540,12 @@ _CONV_ERRORS = [
         "circular.*`padding`",
     ),
     (dict(x=_X, w=np.ones((0, 3, 2, 6), np.float32), groups=2), ValueError, "kernel"),
+    (
+        dict(x=np.ones((1, 8, 8, 4), np.float32), w=np.ones((3, 3, 3, 4, 6), np.float32)),
+        ValueError,
+        r"spatial axis 0 .*`w` has 3 spatial axes, so `x` reads as batch \(\), spatial "
+        r"\(1, 8, 8\) and 4 channels",
+    ),
 ]
 
 

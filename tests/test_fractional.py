@@ -396,6 +396,19 @@ def test_graham_bad_arguments(kwargs, error, arg):
         jaxconv.fractional_max_pool_graham(X, **kwargs)
 
 
+def test_graham_pseudo_random_limit():
+    """The pseudo-random sequence's int32 arithmetic needs in * out below 2**30 (the random one
+    has no such limit)."""
+    x = jnp.zeros((1, 40000, 1), jnp.float32)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"^fractional_max_pool_graham: .*2\*\*30.*30000"):
+        jaxconv.fractional_max_pool_graham(x, output_size=(30000,), key=key, pseudo_random=True)
+    out = jaxconv.fractional_max_pool_graham(x, output_size=(30000,), key=key)
+    assert out.shape == (1, 30000, 1)
+    small = jaxconv.fractional_max_pool_graham(x, output_size=(26000,), key=key, pseudo_random=True)
+    assert small.shape == (1, 26000, 1)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_integer_alpha_starts_stay_in_the_band(dtype):
     """With ``alpha = (in - k)/(out - 1) = A`` an integer, start ``i`` is in ``[(i-1)A, (i+1)A]``,

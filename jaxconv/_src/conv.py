@@ -146,6 +146,10 @@ def _check_bias(fname: str, bias, channels: int) -> None:
         )
 
 
+PrecisionArg = str | lax.Precision | tuple[str | lax.Precision, str | lax.Precision] | None
+"""What :func:`conv` accepts as ``precision`` (``lax.conv_general_dilated``'s, less dot
+algorithms)."""
+
 _PRECISIONS = (
     "default",
     "high",
@@ -256,8 +260,19 @@ def _conv_geometry(fname: str, lay: _Layout, stride, padding, dilation):
     )
     rows = zip(lay.sizes, lay.kernel, stride, pads, dilation, strict=True)
     for axis, args in enumerate(rows):
-        pool_output_size_1d(fname, *args, False, arg="w", axis=axis)
+        try:
+            pool_output_size_1d(fname, *args, False, arg="w", axis=axis)
+        except ValueError as err:
+            raise ValueError(f"{err} {_reading(lay)}") from None
     return stride, dilation, pads
+
+
+def _reading(lay: _Layout) -> str:
+    """How ``x`` was split, for errors: its spatial rank comes from ``w``'s."""
+    return (
+        f"(`w` has {lay.n} spatial axes, so `x` reads as batch {lay.batch_shape}, spatial "
+        f"{lay.sizes} and {lay.channels} channels.)"
+    )
 
 
 def conv(
@@ -271,7 +286,7 @@ def conv(
     padding_mode: str = "zeros",
     bias: jax.typing.ArrayLike | None = None,
     data_format: str = "channels_last",
-    precision: lax.PrecisionLike = None,
+    precision: PrecisionArg = None,
 ) -> jax.Array:
     """N-d convolution (cross-correlation, as in PyTorch and lax) with ``n = w.ndim - 2``.
 

@@ -18,6 +18,7 @@ from jax.custom_derivatives import SymbolicZero
 from jaxconv._src.args import is_int, per_axis
 from jaxconv._src.arithmetic import transpose_geometry
 from jaxconv._src.conv import (
+    PrecisionArg,
     _add_bias,
     _check_arrays,
     _check_bias,
@@ -96,7 +97,7 @@ def conv_transpose(
     groups: int = 1,
     bias: jax.typing.ArrayLike | None = None,
     data_format: str = "channels_last",
-    precision: lax.PrecisionLike = None,
+    precision: PrecisionArg = None,
 ) -> jax.Array:
     """Transposed convolution: the exact adjoint of :func:`conv` with the same ``w`` and arguments.
 

@@ -106,8 +106,9 @@ def fractional_max_pool_graham(
       ``out - in % out`` short increments.
     - ``pseudo_random=True``: ``a[i] = ceil(alpha * (i + u)) - 1`` with ``alpha = in / out`` and
       one random ``u`` in ``(0, u_max]``, where ``u_max`` keeps every increment in
-      ``{floor(alpha), ceil(alpha)}``; computed in exact integer arithmetic (``u`` on a fine
-      rational grid).
+      ``{floor(alpha), ceil(alpha)}``; computed in exact int32 arithmetic (``u`` on a fine
+      rational grid), which needs ``in * out`` below ``2**30`` on every axis (a ValueError
+      otherwise).
 
     Region ``i`` is ``[a[i], a[i+1])`` (disjoint) or, with ``overlapping=True``, ``[a[i],
     a[i+1]]`` (the right boundary element is shared with the next region; the last region stops
