@@ -33,7 +33,6 @@ from jaxconv._src.window_argmax import (
     key_wins,
     later_wins,
     offset_dtype,
-    phase_pick,
     position_dtype,
     window_args,
 )
@@ -223,8 +222,7 @@ def _flat_argmax_jvp(plans, sizes, primals, tangents):
     t = tangents[0]
     if is_narrow(t.dtype) and not _disjoint(plans):  # overlapping windows sum in float32
         t = t.astype(jnp.float32)
-    for plan, offset in zip(reversed(plans), stages, strict=True):
-        t = phase_pick(t, plan, offset, shift_offsets=plan is not plans[-1])
+    t = pick_at_winners(t, (None,) * len(plans), plans, stages)
     no_tangent = [np.zeros(v.shape, jax.dtypes.float0) for v in (index, *stages)]
     return (value, index, stages), (t.astype(value.dtype), no_tangent[0], no_tangent[1:])
 

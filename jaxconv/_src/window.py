@@ -171,6 +171,14 @@ def taps(x: jnp.ndarray, plan: AxisPlan, fill) -> list[jnp.ndarray]:
     ]
 
 
+def pick_taps(taps, offset):
+    """The tap chosen by ``offset`` at each output: ``taps[offset]``, by selects."""
+    t = taps[0]
+    for j in range(1, len(taps)):
+        t = jnp.where(offset == j, taps[j], t)
+    return t
+
+
 def along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     """A 1-D array shaped to broadcast along ``axis`` of an ``ndim``-axis array."""
     shape = [1] * ndim
