@@ -15,7 +15,7 @@ against the scatter: S = 60 5.5-6.7 / 3.9-4.0 ms against 7.3-8.8 / 7.6-8.3 (PyTo
 4.9 / 2.6); S = 100 28-33 / 23-25 against 28-33 / 29-30 (11.4 / 6.9). 1-D (64, 4096, 256) -> 300
 bfloat16 89-92 against 135-142 ms.
 
-The positions are written out by a reduction first (:func:`held`), and so are the offsets of
+The positions are written out by a reduction first (:func:`_held`), and so are the offsets of
 stages that fold their taps: XLA otherwise fuses their computation into each of the adjoint's
 gathers and redoes it per input element (float32 (32, 50, 50, 64) -> 7x7: 17 against 0.9 ms;
 100 -> 7 with folded stages 65 against 46 ms, timed under load).
@@ -59,7 +59,7 @@ def winner_index(stages, plans):
     first, flat = plans[0].axis, None
     for k, (plan, offset) in enumerate(zip(plans, reversed(stages), strict=True)):
         if folds_winners(plan):  # a fold's result, which XLA would redo in the gathers
-            offset = held(offset)
+            offset = _held(offset)
         if k:
             offset = _take_merged(offset, flat, first, k)
         position = plan.position(offset).astype(jnp.int32)
@@ -67,7 +67,7 @@ def winner_index(stages, plans):
     return flat
 
 
-def held(index):
+def _held(index):
     """``index`` as the result of a reduction, which XLA writes out rather than fusing."""
     low = jnp.asarray(jnp.iinfo(index.dtype).min, index.dtype)
     both = jnp.stack([index, jnp.full_like(index, low)], axis=-1)
@@ -104,7 +104,7 @@ def _neighbours(term, axis: int, last, before, inside):
 def _spread(g, index, *, plans):
     """The adjoint of :func:`_pick`: each input element sums, in a fixed order, the entries of
     ``g`` whose winner it is, among the (at most ``2^n``) windows holding it."""
-    index = held(index)
+    index = _held(index)
     terms, own = [(_opaque(g, index), index, None)], None
     for plan in plans:
         last, before, shared = plan.containing()

@@ -48,7 +48,8 @@ Other regular plans (:class:`jaxconv._src.window.AxisPlan`) take measured fast p
 one ``lax.reduce_window`` (a max for the value; a variadic ``(value, position)`` reduction with the
 tie rule as its comparator for the derivative), and their tangent pick reshapes the axis into
 ``(blocks, stride)`` so that its transpose has no interior padding
-(:mod:`jaxconv._src.window_argmax`). Where the windows tile the axis
+(:mod:`jaxconv._src.window_argmax`); on the CPU their adjoint is one pass over all axes in
+PyTorch's window order (:mod:`jaxconv._src.block_pick`). Where the windows tile the axis
 (stride == kernel >= 4, no dilation or padding: adaptive 224 -> 7, max pool 4x4 stride 4) the axis
 is reshaped to ``(out, kernel)`` and the winners come from two reductions (the max, then the tie
 rule's rank of each tap, which also decides NaN windows), so they are stored results: the fold's
