@@ -235,6 +235,24 @@ def test_wide_indices_out_of_the_int32_range_are_dropped():
     np.testing.assert_array_equal(unpool(y, i.astype(jnp.int64)), unpool(y, i))
 
 
+@pytest.mark.parametrize("window", [(2, 2), (3, 3)])
+def test_numpy_int64_indices_stay_dropped_without_x64(window):
+    """With int32 JAX integers, NumPy int64 indices past 2**31 (or below -2**31) must not wrap
+    into range on conversion, for the tiling (2x2) and scatter (3x3, stride 2) forms alike."""
+    x = np.arange(1.0, 17.0, dtype=np.float32).reshape(1, 4, 4, 1)
+    with jax.enable_x64(False):
+        y, i = jaxconv.max_pool(jnp.asarray(x), window, 2, return_indices=True)
+        wide = np.asarray(i, np.int64)
+        want = np.asarray(jaxconv.max_unpool(y, i, window, 2, output_size=(4, 4)))
+        for shift in (2**32, -(2**32)):
+            got = jaxconv.max_unpool(y, wide + shift, window, 2, output_size=(4, 4))
+            assert got.dtype == jnp.float32
+            np.testing.assert_array_equal(got, np.zeros_like(want))
+        got = jaxconv.max_unpool(y, wide, window, 2, output_size=(4, 4))
+        np.testing.assert_array_equal(got, want)
+    assert np.count_nonzero(want) == y.size
+
+
 def test_vmap_jvp_and_no_batch_axis():
     x = jax.random.normal(jax.random.key(2), (2, 3, 6, 4, 5))
     y, i = jaxconv.max_pool(x, (2, 2), return_indices=True)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -37,8 +38,23 @@ _FNAME = "max_unpool"
 _INT32_MAX = 2**31 - 1
 
 
+def _host_indices(indices):
+    """Concrete 64-bit indices, with every entry outside ``[0, 2**31)`` made ``-1`` when JAX
+    holds integers as int32 (``jax_enable_x64`` off), where converting would wrap them into
+    range: such an index lies past any output (its volume fits int32), so it stays dropped."""
+    if isinstance(indices, jax.Array) or jax.config.jax_enable_x64:
+        return indices
+    try:
+        host = np.asarray(indices)
+    except (TypeError, ValueError):  # as_array reports it
+        return indices
+    if host.dtype.kind not in "iu" or host.dtype.itemsize <= 4:
+        return indices
+    return np.where((host < 0) | (host > _INT32_MAX), -1, host).astype(np.int32)
+
+
 def _check_indices(x: jax.Array, indices) -> jax.Array:
-    indices = as_array(_FNAME, "indices", indices)
+    indices = as_array(_FNAME, "indices", _host_indices(indices))
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise TypeError(
             f"{_FNAME}: `indices` must be an integer array (as returned by max_pool with "
