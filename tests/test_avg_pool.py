@@ -336,3 +336,22 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, match):
 def test_integer_input_is_rejected():
     with pytest.raises(TypeError, match=r"avg_pool.*floating"):
         jaxconv.avg_pool(jnp.zeros((1, 4, 4, 1), jnp.int32), (2, 2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(("window", "stride", "padding"), [((3, 3), 1, 1), ((2, 2), 2, 0)])
+def test_values_near_the_bottom_of_the_range_keep_the_documented_bound(
+    window, stride, padding, dtype
+):
+    """Taps are scaled by ``2^-e <= 1/k`` so no sum overflows; where the CPU flushes a scaled
+    tap to zero, the mean is off by at most ``2^(e-126)`` (the docstring's bound), and is
+    never negative for positive input."""
+    rng = np.random.default_rng(5)
+    x = np.exp(rng.uniform(np.log(1.2e-38), np.log(1e-35), (2, 6, 6, 3))).astype(np.float32)
+    xd = jnp.asarray(x, dtype)
+    got = np.asarray(jaxconv.avg_pool(xd, window, stride, padding), np.float64)
+    want = np.asarray(jaxconv.avg_pool(jnp.asarray(xd, jnp.float64), window, stride, padding))
+    e = int(np.ceil(np.log2(np.prod(window))))
+    rounding = {jnp.float32: 2e-7, jnp.bfloat16: 8e-3}[dtype] * want
+    assert (got >= 0).all()
+    assert (np.abs(got - want) <= 2.0 ** (e - 126) + rounding).all()

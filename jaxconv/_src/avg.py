@@ -298,6 +298,13 @@ def avg_pool(
     (as ``avg_pool1d``/``avg_pool2d`` allow); PyTorch's ``avg_pool3d`` alone rejects an input
     smaller than the window.
 
+    The average of finite values is finite: no partial sum overflows (PyTorch's float32 sum
+    gives ``inf`` for a 3x3 window of ``3e38``), because the taps are scaled by a power of two
+    ``2^-e <= 1/k`` (``k`` the window size) before they are added. The cost is at the bottom of
+    the range, on the CPU, whose compiled code flushes subnormal numbers to zero: a tap smaller
+    than ``2^e`` times the smallest normal number (float32 and bfloat16: ``2^(e-126)``,
+    ``1.9e-37`` for a 3x3 window) may count as zero, an absolute error of at most that.
+
     Transformations: ``jit``, ``vmap``, ``grad``/``vjp``, ``jvp`` and higher orders (``jacfwd``,
     ``jax.hessian``), ``jax.linear_transpose``: the op is linear in ``x``, its tangent is the
     average of the tangent and its transpose a window sum of the cotangent as fast as itself.
