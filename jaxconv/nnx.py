@@ -32,6 +32,7 @@ from flax.nnx.nn.dtypes import promote_dtype
 import jaxconv
 from jaxconv._src import layers
 from jaxconv._src.args import check_bool
+from jaxconv._src.nnx_rngs import draw_key, kept_stream, rng_stream
 
 __all__ = [
     "AdaptiveAvgPool",
@@ -75,7 +76,7 @@ class _ConvBase(nnx.Module):
                 f"{fname}: `rngs` must be an nnx.Rngs (its `params` stream initialises the "
                 f"kernel and bias), got {type(opts['rngs']).__name__}."
             )
-        stream, param_dtype = _rng_stream(fname, opts["rngs"], "params"), opts["param_dtype"]
+        stream, param_dtype = rng_stream(fname, opts["rngs"], "params"), opts["param_dtype"]
         self.kernel = nnx.Param(init(stream(), shape, param_dtype))
         self.bias = nnx.data(None)
         if use_bias:
@@ -400,7 +401,7 @@ class FractionalMaxPool(nnx.Module):
         fname = "jaxconv.nnx.FractionalMaxPool"
         self.deterministic = check_bool(fname, "deterministic", deterministic)
         self.rng_collection = layers.check_collection(fname, rng_collection)
-        self.rngs = nnx.data(_stream(fname, rngs, rng_collection))
+        self.rngs = nnx.data(kept_stream(fname, rngs, rng_collection))
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view(model, deterministic=...)``, as ``nnx.Dropout``'s.
@@ -427,7 +428,7 @@ class FractionalMaxPool(nnx.Module):
                 "samples": layers.deterministic_samples(fname, x, self.window, self.data_format)
             }
         else:
-            source = {"key": _draw_key(fname, rngs, self.rngs, self.rng_collection)}
+            source = {"key": draw_key(fname, rngs, self.rngs, self.rng_collection)}
         return jaxconv.fractional_max_pool(
             x,
             self.window,
@@ -437,47 +438,3 @@ class FractionalMaxPool(nnx.Module):
             data_format=self.data_format,
             **source,
         )
-
-
-def _rng_stream(fname: str, rngs: nnx.Rngs, name: str) -> nnx.RngStream:
-    """``rngs[name]`` (Flax falls back to the ``default`` stream), or a ValueError."""
-    try:
-        return rngs[name]
-    except KeyError:
-        raise ValueError(
-            f"{fname}: `rngs` must have a `{name}` stream (or a default one), got an nnx.Rngs "
-            "without either."
-        ) from None
-
-
-def _stream(fname: str, rngs, collection: str):
-    """The stream a module keeps: a fork of ``rngs[collection]`` (or of the given stream)."""
-    if rngs is None:
-        return None
-    if isinstance(rngs, nnx.Rngs):
-        return _rng_stream(fname, rngs, collection).fork()
-    if isinstance(rngs, nnx.RngStream):
-        return rngs.fork()
-    raise TypeError(
-        f"{fname}: `rngs` must be an nnx.Rngs, an nnx.RngStream or None, got {type(rngs).__name__}."
-    )
-
-
-def _draw_key(fname: str, given, kept, collection: str) -> jax.Array:
-    """A fresh key from the call's ``rngs`` (Rngs, stream or key), else from the kept stream."""
-    source = kept if given is None else given
-    if source is None:
-        raise ValueError(
-            f"{fname}: random pooling needs `rngs` (in the constructor or the call), or "
-            "deterministic=True; got neither."
-        )
-    if isinstance(source, nnx.Rngs):
-        return _rng_stream(fname, source, collection)()
-    if isinstance(source, nnx.RngStream):
-        return source()
-    if isinstance(source, jax.Array):
-        return source
-    raise TypeError(
-        f"{fname}: `rngs` must be an nnx.Rngs, an nnx.RngStream or a key array, "
-        f"got {type(source).__name__}."
-    )

@@ -4,6 +4,8 @@ modules import."""
 import importlib
 import inspect
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -74,6 +76,17 @@ def test_flax_modules_import(module):
     assert not missing, f"{module} lacks {missing}"
     for name in expected:
         assert inspect.getdoc(getattr(mod, name)), f"{module}.{name} has no docstring"
+
+
+def test_core_import_needs_no_optional_package():
+    """``import jaxconv`` loads neither Flax (the ``flax`` extra) nor the test oracles."""
+    probe = (
+        "import sys, jaxconv; "
+        "loaded = {m.split('.')[0] for m in sys.modules}; "
+        "print(sorted(loaded & {'flax', 'optax', 'torch', 'equinox'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_version():
