@@ -258,10 +258,10 @@ _PLANS = {
 }
 
 
-def _window_plans(shape, window, stride, padding):
+def _window_plans(shape, window, stride, padding, dilation=1):
     from jaxconv._src.window import window_spec
 
-    return window_spec("max_pool", shape, window, stride, padding).plans
+    return window_spec("max_pool", shape, window, stride, padding, dilation=dilation).plans
 
 
 def _adaptive_plans(shape, output_size):
@@ -317,18 +317,32 @@ def test_gpu_per_axis_picks_equal_the_cpu_flat_pick(shape, output_size):
     np.testing.assert_array_equal(got, want)
 
 
+def test_block_pick_only_where_its_codes_fit_int32():
+    """The block adjoint codes each window's winner in int32; windows so large that the codes
+    would not fit keep the per-axis transposes."""
+    from jaxconv._src import block_pick
+
+    assert block_pick.block_pickable(_window_plans((1, 99, 99, 99, 1), (9, 9, 9), 8, 4, 2))
+    huge = _window_plans((1, 4000, 4000, 4000, 1), (1500,) * 3, 1000, 0, 2)
+    assert not block_pick.block_pickable(huge)
+
+
 @pytest.mark.parametrize(
-    ("shape", "window", "stride", "padding"),
-    [((3, 12, 13, 4), (4, 4), 2, 1), ((2, 9, 8, 10, 3), (3, 3, 3), (2, 1, 2), 1)],
+    ("shape", "window", "stride", "padding", "dilation"),
+    [
+        ((3, 12, 13, 4), (4, 4), 2, 1, 1),
+        ((2, 9, 8, 10, 3), (3, 3, 3), (2, 1, 2), 1, 1),
+        ((2, 15, 13, 3), (4, 3), (3, 2), (2, 1), (2, 3)),
+    ],
 )
-def test_gpu_per_axis_picks_equal_the_cpu_block_pick(shape, window, stride, padding):
+def test_gpu_per_axis_picks_equal_the_cpu_block_pick(shape, window, stride, padding, dilation):
     """Regular windows of more than 9 taps: GPUs transpose the per-axis picks, the CPU runs
     the block adjoint. Same tangents and cotangents (integer cotangents, so the sums are exact
     in any order), checked here on the CPU."""
     from jaxconv._src import block_pick, select
 
     x = _tied(shape, jnp.float32, 5, nan=0.01)
-    plans = _window_plans(shape, window, stride, padding)
+    plans = _window_plans(shape, window, stride, padding, dilation)
     assert block_pick.block_pickable(plans)
     aux = (None,) * len(plans)
     _, stages, _ = select.max_stages(x, aux, plans)

@@ -313,6 +313,7 @@ def distinct_input(shape, seed):
         ((2, 2, 2), 1, 1, 1),
         ((4, 4), 2, 1, 1),  # more than 9 taps: a reduce_window per axis
         ((3, 3, 3), 2, 1, 1),
+        ((4, 3), (3, 2), (2, 1), (2, 3)),  # the same, dilated
     ],
 )
 def test_check_grads(window, stride, padding, dilation):
@@ -322,7 +323,8 @@ def test_check_grads(window, stride, padding, dilation):
         return jaxconv.max_pool(x, window, stride, padding, dilation=dilation)
 
     def with_indices(x):
-        return jaxconv.max_pool(x, window, stride, padding, return_indices=True)[0]
+        pool = jaxconv.max_pool(x, window, stride, padding, dilation=dilation, return_indices=True)
+        return pool[0]
 
     check_grads(jax.jit(f), (x,), order=2, modes=("fwd", "rev"))
     check_grads(jax.jit(with_indices), (x,), order=1, modes=("fwd", "rev"))
@@ -426,6 +428,8 @@ def test_gradient_is_bitwise_reproducible():
         ((2, 40, 5), dict(window=(7,), stride=3, padding=3)),
         ((2, 9, 10, 11, 3), dict(window=(3, 3, 3), stride=2, padding=1)),
         ((2, 17, 20, 5), dict(window=(4, 4), stride=2, ceil_mode=True)),
+        ((2, 23, 21, 5), dict(window=(4, 3), stride=(3, 2), padding=(2, 1), dilation=(2, 3))),
+        ((2, 41, 5), dict(window=(10,), stride=4, padding=3, dilation=2, ceil_mode=True)),
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
