@@ -171,6 +171,8 @@ CASES = [
     case("avg_pool", "x", "abc", (2, 2), n_arrays=0, id="avg-x-str"),
     case("conv", "w", X, None, id="conv-w-none"),
     case("max_unpool", "indices", X, "i", (2, 2), id="unpool-indices-str"),
+    case("max_unpool", "indices", X[:, :1, :1, :1], [[[[2**70]]]], (2, 2), id="unpool-huge-int"),
+    case("max_pool", "x", [[[[2**70]]]], (1, 1), n_arrays=0, id="max-huge-int-x"),
     case("adaptive_max_pool", "x", [[1.0], [1.0, 2.0]], (1,), n_arrays=0, id="adaptive-ragged"),
     # avg_pool
     case("avg_pool", "padding", X, (2, 2), padding=2, id="avg-padding-half"),

@@ -102,7 +102,7 @@ def as_array(fname: str, name: str, x) -> jnp.ndarray:
     """``x`` (an array or anything ``jnp.asarray`` takes) as a JAX array."""
     try:
         return jnp.asarray(x)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         shown = repr(x) if len(repr(x)) <= 60 else repr(x)[:57] + "..."
         raise TypeError(
             f"{fname}: `{name}` must be an array (or a nested sequence of numbers), got {shown} "
