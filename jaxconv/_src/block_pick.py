@@ -17,11 +17,12 @@ separate processes, medians of 100 calls, on a machine whose memory moved 9 GB/s
 alone 2.8 against 3.4-3.5 ms; forward plus backward 6.6-7.6 against 7.5-8.4 ms, bfloat16
 6.6-8.5 against 7.5-8.4 ms (minimums 5.5-6.0 against 6.5-7.1 in both dtypes). The winners'
 codes are left to XLA to fuse: written out by a reduction first, the adjoint took 3.5-3.9 ms.
-Forward plus backward against the per-axis transposes, float32, medians of 30 interleaved calls
-in one process on a machine whose memory moved 5 GB/s: dilated max 4x4 stride 2 padding 3
-dilation 2 on (32, 56, 56, 64) 24 against 91 ms; 50 -> 7 5.7 against 6.8; max 5x5 stride 2
-padding 2 41 against 44; but max 4x4 stride 2 padding 1 15.4 against 13.4 and 3x3x3 stride 2
-padding 1 on (4, 16, 56, 56, 32) 16.7 against 12.9, kept for the same gradient everywhere.
+Every shift is a slice of one padded copy of the cotangent and of the codes (:func:`_terms`).
+Forward plus backward against the per-axis transposes, float32, medians of 40 interleaved calls
+in one process on a machine whose memory moved 5 GB/s, on (32, 56, 56, 64): max 4x4 stride 2
+padding 1 12.6 against 15.5 ms; 5x5 stride 2 padding 2 15.4 against 80; 4x4 stride 3 padding
+1 7.2 against 8.8; 4x4 stride 2 padding 3 dilation 2 18.6 against 152; 3x3x3 stride 2 padding
+1 on (4, 16, 56, 56, 32) 15.1 against 18.5; 50 -> 7 7.1 against 8.2 (bfloat16 5.9 against 6.8).
 
 The pick and its adjoint are linear primitives, each the other's transpose
 (:mod:`jaxconv._src.linear`), so forward mode runs the per-axis picks and higher orders work.
@@ -82,20 +83,32 @@ def _code(stages, plans):
     return code
 
 
+def _padded(v, plans, fill):
+    """``v`` with a unit phase axis after each plan's axis, padded with ``fill`` to
+    ``reach - 1`` blocks before the windows (room for the shifts of :func:`_terms`) and to
+    ``_blocks`` after them."""
+    for k, plan in enumerate(plans):
+        axis = plan.axis + k
+        v = pad_axis(v, axis, _reach(plan) - 1, _blocks(plan) - plan.out, fill)
+        v = jnp.expand_dims(v, axis + 1)
+    return v
+
+
 def _terms(g, code, plans):
     """``(cotangent, code, offsets)`` per window that may hold an element, in row-major window
-    order; arrays with a block axis and a unit phase axis per spatial axis."""
-    terms = [(g, code, ())]
+    order; arrays with a block axis and a unit phase axis per spatial axis. Each is a slice of
+    one padded copy of ``g`` and of ``code``: XLA writes those once and reads every shift in
+    the adjoint's loop (a pad per shift, inside the loop or written out, measured up to three
+    times slower)."""
+    terms = [(_padded(g, plans, 0), _padded(code, plans, -1), ())]
     for k, plan in enumerate(plans):
-        axis, blocks = plan.axis + k, _blocks(plan)
+        axis, blocks, reach = plan.axis + k, _blocks(plan), _reach(plan)
         new = []
         for a, c, rel in terms:
-            hi = blocks - plan.out
-            a, c = pad_axis(a, axis, 0, hi, 0), pad_axis(c, axis, 0, hi, -1)
-            for d in reversed(range(_reach(plan))):
-                shifted = (pad_axis(a, axis, d, -d, 0), pad_axis(c, axis, d, -d, -1))
-                offsets = np.arange(plan.stride) + d * plan.stride
-                new.append((*(jnp.expand_dims(v, axis + 1) for v in shifted), (*rel, offsets)))
+            for d in reversed(range(reach)):
+                start = reach - 1 - d
+                a_d, c_d = (lax.slice_in_dim(v, start, start + blocks, 1, axis) for v in (a, c))
+                new.append((a_d, c_d, (*rel, np.arange(plan.stride) + d * plan.stride)))
         terms = new
     return terms
 
