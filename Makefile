@@ -32,7 +32,7 @@ FUZZ_REPORT ?= $(or $(TMPDIR),/tmp)/jaxconv-fuzz-report
 fuzz: $(STAMP)
 	rm -rf $(FUZZ_REPORT)
 	JAXCONV_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) JAXCONV_FUZZ_REPORT=$(FUZZ_REPORT) \
-	  $(PY) -m pytest -q -n 2 tests/test_fuzz.py tests/test_fuzz_half.py -p no:cacheprovider; status=$$?; \
+	  $(PY) -m pytest -q -n 2 tests/test_fuzz.py tests/test_fuzz_conv.py tests/test_fuzz_half.py -p no:cacheprovider; status=$$?; \
 	  $(PY) tests/fuzz_support.py $(FUZZ_REPORT); exit $$status
 
 format: $(STAMP)

@@ -1,8 +1,9 @@
-"""conv and conv_transpose against PyTorch CPU: forward and gradients, dtypes, transformations."""
+"""conv against PyTorch CPU: forward and gradients, padding modes, derivatives of higher order;
+for conv and conv_transpose alike random configurations, dtypes, batch axes and vmap, the program
+(lax's convolution, one per group on the CPU, precision) and argument errors."""
 
 import functools
 import re
-import zlib
 
 import chex
 import jax
@@ -11,41 +12,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conv_oracle import CF, CL
+from conv_torch import (
+    TORCH_CONV_T,
+    assert_close,
+    compare_both_formats,
+    conv_weight,
+    jax_vjp,
+    seeded_rng,
+    torch_conv_t,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 from jax.test_util import check_grads
 from jaxprs import primitives
 
-from jaxconv import conv, conv_output_size, conv_transpose
+from jaxconv import conv, conv_transpose
 
 TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-TORCH_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-CF, CL = "channels_first", "channels_last"
-
-
-def _rng(*key):
-    return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _to_last(a):
-    """(N, C, *spatial) -> (N, *spatial, C)."""
-    return np.moveaxis(np.asarray(a), 1, -1)
-
-
-def _to_first(a):
-    return np.moveaxis(np.asarray(a), -1, 1)
-
-
-def _hwio(w):
-    """PyTorch's (O, I, *kernel) -> (*kernel, I, O)."""
-    n = w.ndim - 2
-    return np.transpose(np.asarray(w), (*range(2, n + 2), 1, 0))
-
-
-def _oihw(w):
-    n = w.ndim - 2
-    return np.transpose(np.asarray(w), (n + 1, n, *range(n)))
 
 
 def _pairs(padding, kernel, dilation):
@@ -84,67 +69,11 @@ def _torch_conv(x, w, b, g_seed, *, stride, padding, dilation, groups, padding_m
     else:
         pad, xin = padding.lower() if isinstance(padding, str) else padding, tx
     out = TORCH_CONV[n](xin, tw, tb, stride=stride, padding=pad, dilation=dilation, groups=groups)
-    g = _rng("g", g_seed).standard_normal(out.shape)
+    g = seeded_rng("g", g_seed).standard_normal(out.shape)
     g = g.astype(g_dtype or x.dtype).astype(x.dtype)
     (out * torch.tensor(g)).sum().backward()
     grads = (tx.grad, tw.grad, None if tb is None else tb.grad)
     return out.detach().numpy(), g, [None if t is None else t.numpy() for t in grads]
-
-
-def _torch_conv_t(
-    y, w, b, g_seed, *, stride, padding, output_padding, dilation, groups, g_dtype=None
-):
-    n = w.ndim - 2
-    ty, tw = (torch.tensor(a, requires_grad=True) for a in (y, w))
-    tb = None if b is None else torch.tensor(b, requires_grad=True)
-    out = TORCH_CONV_T[n](
-        ty,
-        tw,
-        tb,
-        stride=stride,
-        padding=padding,
-        output_padding=output_padding,
-        groups=groups,
-        dilation=dilation,
-    )
-    g = _rng("g", g_seed).standard_normal(out.shape)
-    g = g.astype(g_dtype or y.dtype).astype(y.dtype)
-    (out * torch.tensor(g)).sum().backward()
-    grads = (ty.grad, tw.grad, None if tb is None else tb.grad)
-    return out.detach().numpy(), g, [None if t is None else t.numpy() for t in grads]
-
-
-def _jax_vjp(fn, x, w, b, g, **kw):
-    """Forward and the gradients of <fn(x, w, b), g> with respect to x, w and b, under jit."""
-
-    def run(x, w, b, g):
-        out, pullback = jax.vjp(lambda x, w, b: fn(x, w, bias=b, **kw), x, w, b)
-        return out, pullback(g)
-
-    return jax.jit(run)(x, w, b, g)
-
-
-def _assert_close(got, want, rtol=1e-5):
-    want = np.asarray(want)
-    scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=rtol * scale)
-
-
-def _compare_both_formats(fn, x, w, b, ref, g, grads, **kw):
-    """Run ``fn`` in channels_first (w as OIHW) and channels_last (w as HWIO) against PyTorch."""
-    out, (gx, gw, gb) = _jax_vjp(fn, x, w, b, g, data_format=CF, **kw)
-    chex.assert_shape(out, ref.shape)
-    for got, want in zip((out, gx, gw), (ref, *grads[:2]), strict=True):
-        _assert_close(got, want)
-    out, (gx, gw, gb_last) = _jax_vjp(
-        fn, _to_last(x), _hwio(w), b, _to_last(g), data_format=CL, **kw
-    )
-    _assert_close(_to_first(out), ref)
-    _assert_close(_to_first(gx), grads[0])
-    _assert_close(_oihw(gw), grads[1])
-    if b is not None:
-        _assert_close(gb, grads[2])
-        _assert_close(gb_last, grads[2])
 
 
 # (spatial sizes, kernel, C_in, C_out, stride, padding, dilation, groups, padding_mode, bias)
@@ -172,46 +101,13 @@ CONV_CASES = [
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{len(c[0])}d-{c[5]}-{c[8]}-g{c[7]}")
 def test_conv_matches_torch(case):
     sizes, kernel, cin, cout, stride, padding, dilation, groups, mode, has_bias = case
-    rng = _rng("conv", case)
+    rng = seeded_rng("conv", case)
     x = rng.standard_normal((2, cin, *sizes)).astype(np.float32)
     w = rng.standard_normal((cout, cin // groups, *kernel)).astype(np.float32)
     b = rng.standard_normal(cout).astype(np.float32) if has_bias else None
     args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     ref, g, grads = _torch_conv(x, w, b, case, padding_mode=mode, **args)
-    _compare_both_formats(conv, x, w, b, ref, g, grads, padding_mode=mode, **args)
-
-
-# (input sizes of the transposed conv, kernel, C_out of conv (= channels of y), C_in of conv,
-#  stride, padding, output_padding, dilation, groups, bias)
-CONV_T_CASES = [
-    ((6,), (3,), 2, 3, 2, 1, 1, 1, 1, True),
-    ((5,), (4,), 3, 6, 3, 0, 2, 1, 3, False),
-    ((7,), (3,), 2, 2, 1, 2, 1, 2, 1, True),  # output_padding >= stride, < dilation
-    ((7,), (3,), 2, 2, 1, 3, 0, 1, 1, False),  # padding > d*(k-1): the adjoint crops
-    ((5, 6), (3, 3), 2, 3, 2, 1, 1, 1, 1, True),
-    ((4, 5), (3, 2), 4, 2, (2, 3), (0, 1), (1, 2), 1, 2, False),
-    ((6, 5), (3, 3), 4, 4, 1, 0, 0, (2, 1), 4, True),
-    ((5, 5), (2, 3), 4, 6, 2, 0, (0, 1), 2, 2, False),
-    ((4, 4), (3, 3), 3, 2, 1, "FULL", 0, 1, 1, True),
-    ((4, 3, 4), (3, 2, 3), 2, 3, 2, 1, 1, 1, 1, True),
-    ((3, 4, 4), (2, 3, 2), 4, 2, (1, 2, 2), (0, 1, 0), (0, 1, 1), (2, 1, 1), 2, False),
-]
-
-
-@pytest.mark.parametrize("case", CONV_T_CASES, ids=lambda c: f"{len(c[0])}d-s{c[4]}-op{c[6]}")
-def test_conv_transpose_matches_torch(case):
-    sizes, kernel, c_y, c_out, stride, padding, out_pad, dilation, groups, has_bias = case
-    rng = _rng("conv_t", case)
-    y = rng.standard_normal((2, c_y, *sizes)).astype(np.float32)
-    w = rng.standard_normal((c_y, c_out // groups, *kernel)).astype(np.float32)
-    b = rng.standard_normal(c_out).astype(np.float32) if has_bias else None
-    torch_padding = padding
-    if padding == "FULL":  # the adjoint of a FULL conv: d*(k-1) on both sides
-        dil = (dilation,) * len(kernel) if isinstance(dilation, int) else dilation
-        torch_padding = tuple(d * (k - 1) for k, d in zip(kernel, dil, strict=True))
-    args = dict(stride=stride, output_padding=out_pad, dilation=dilation, groups=groups)
-    ref, g, grads = _torch_conv_t(y, w, b, case, padding=torch_padding, **args)
-    _compare_both_formats(conv_transpose, y, w, b, ref, g, grads, padding=padding, **args)
+    compare_both_formats(conv, x, w, b, ref, g, grads, padding_mode=mode, **args)
 
 
 @st.composite
@@ -235,14 +131,14 @@ def _random_conv(draw):
 @given(_random_conv(), st.data())
 def test_random_configurations_match_torch(config, data):
     sizes, kernel, cin, cout, stride, padding, dilation, groups = config
-    rng = _rng("random", config)
+    rng = seeded_rng("random", config)
     x = rng.standard_normal((2, cin, *sizes))
     w = rng.standard_normal((cout, cin // groups, *kernel))
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     n = len(sizes)
     want = TORCH_CONV[n](torch.tensor(x), torch.tensor(w), **kw).numpy()
     got = jax.jit(functools.partial(conv, data_format=CF, **kw))(x, w)
-    _assert_close(got, want, rtol=1e-12)
+    assert_close(got, want, rtol=1e-12)
     # the transposed convolution of that output, with an output_padding PyTorch accepts
     out_pad = tuple(
         data.draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True)
@@ -254,53 +150,7 @@ def test_random_configurations_match_torch(config, data):
         with pytest.raises(ValueError, match=r"^conv_transpose: .*padding"):
             t_got(want, w)
         return
-    _assert_close(t_got(want, w), t_want.numpy(), rtol=1e-12)
-
-
-ADJOINT_CASES = [
-    # (n, data_format, stride, padding, output_padding, dilation, groups)
-    (1, CL, 2, 1, 1, 1, 1),
-    (1, CF, 1, "SAME", 0, 2, 2),
-    (2, CL, 2, "SAME", 0, 1, 1),
-    (2, CF, 3, "SAME", 0, (1, 2), 2),
-    (2, CL, (2, 1), ((2, 0), (1, 3)), (1, 0), 1, 2),
-    (2, CF, 1, "FULL", 0, 2, 1),
-    (2, CL, 2, "VALID", 1, 1, 4),
-    (3, CF, 2, (1, 0, 1), (1, 0, 1), 1, 2),
-    (3, CL, 1, "SAME", 0, 1, 1),
-]
-
-
-def _conv_weight(rng, n, data_format, c_in, c_out, groups, kernel=3):
-    w = rng.standard_normal((c_out, c_in // groups, *(kernel,) * n))
-    return w if data_format == CF else _hwio(w)
-
-
-@pytest.mark.parametrize("case", ADJOINT_CASES, ids=lambda c: f"{c[0]}d-{c[1]}-{c[3]}")
-def test_conv_transpose_is_the_adjoint_of_conv(case):
-    n, data_format, stride, padding, out_pad, dilation, groups = case
-    rng = _rng("adjoint", case)
-    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    kw["data_format"] = data_format
-    w = _conv_weight(rng, n, data_format, 4, 4, groups)
-    y_sizes = (6, 7, 4)[:n]
-    y_shape = (2, 4, *y_sizes) if data_format == CF else (2, *y_sizes, 4)
-    g = rng.standard_normal(y_shape)
-    xt = jax.jit(functools.partial(conv_transpose, output_padding=out_pad, **kw))(g, w)
-    x = rng.standard_normal(xt.shape)
-    y, pullback = jax.vjp(lambda x: conv(x, w, **kw), x)
-    chex.assert_shape(y, g.shape)  # conv maps the adjoint's output shape back to y's shape
-    np.testing.assert_allclose(xt, pullback(g)[0], rtol=1e-12, atol=1e-12)
-    # <conv(x), g> == <x, conv_transpose(g)>, independently of autodiff
-    np.testing.assert_allclose(jnp.vdot(y, g), jnp.vdot(x, xt), rtol=1e-12)
-
-
-def test_same_transpose_output_size():
-    w = jnp.ones((3, 3, 2, 2), jnp.float32)
-    y = jnp.ones((1, 5, 4, 2), jnp.float32)
-    out = conv_transpose(y, w, stride=(2, 3), padding="SAME")
-    chex.assert_shape(out, (1, 10, 12, 2))
-    assert conv_output_size((10, 12), 3, stride=(2, 3), padding="SAME") == (5, 4)
+    assert_close(t_got(want, w), t_want.numpy(), rtol=1e-12)
 
 
 GRAD_CASES = [
@@ -331,66 +181,22 @@ def test_padding_beyond_the_kernel_span_has_the_right_gradient(groups, padding):
     np.testing.assert_allclose(dw, tw.grad.numpy().transpose(2, 3, 1, 0), atol=1e-4)
 
 
-def _torch_transpose_cropped(y, w, padding, tangent=None):
-    """PyTorch's unpadded 2-D transposed convolution (stride 1) with ``(lo, hi)`` cropped off each
-    axis: the adjoint of a convolution with that asymmetric padding (NHWC, HWIO)."""
-    ty = torch.tensor(y.transpose(0, 3, 1, 2), dtype=torch.float64)
-    full = F.conv_transpose2d(ty, torch.tensor(w.transpose(3, 2, 0, 1), dtype=torch.float64))
-    (h_lo, h_hi), (w_lo, w_hi) = padding
-    full = full[:, :, h_lo : full.shape[2] - h_hi, w_lo : full.shape[3] - w_hi]
-    return full.numpy().transpose(0, 2, 3, 1)
-
-
-@pytest.mark.parametrize("batch, c_in", [(1, 1), (1, 3), (2, 1), (2, 3)])
-@pytest.mark.parametrize("padding", [((2, 0), (2, 0)), ((2, 0), (1, 1)), ((1, 2), (2, 0))])
-def test_transpose_padding_beyond_the_kernel_span_on_one_side(batch, c_in, padding):
-    """A (lo, hi) padding beyond the kernel's span on one side gives the adjoint's dilated
-    convolution a negative padding there, which XLA's CPU convolution computed from
-    uninitialised memory (errors up to 1e24 beside a positive padding on the other side);
-    jaxconv crops the output instead. Forward, input tangent and weight gradient."""
-    rng = np.random.default_rng(batch * 10 + c_in)
-    y = rng.standard_normal((batch, 4, 5, 2)).astype(np.float32)
-    w = rng.standard_normal((2, 2, c_in, 2)).astype(np.float32)
-    fn = jax.jit(lambda y, w: conv_transpose(y, w, padding=padding))
-    want = _torch_transpose_cropped(y, w, padding)
-    np.testing.assert_allclose(fn(y, w), want, rtol=1e-5, atol=1e-5)
-    ty, tw = rng.standard_normal(y.shape), rng.standard_normal(w.shape)
-    ty, tw = ty.astype(np.float32), tw.astype(np.float32)
-    tangent = jax.jvp(fn, (y, w), (ty, tw))[1]
-    want_t = _torch_transpose_cropped(ty, w, padding) + _torch_transpose_cropped(y, tw, padding)
-    np.testing.assert_allclose(tangent, want_t, rtol=1e-5, atol=1e-4)
-    g = rng.standard_normal(want.shape).astype(np.float32)
-    gw = jax.vjp(fn, y, w)[1](jnp.asarray(g))[1]  # <gw, tw> = <transpose(y, tw), g>
-    want_w = np.vdot(_torch_transpose_cropped(y, tw, padding), g)
-    np.testing.assert_allclose(np.vdot(np.asarray(gw, np.float64), tw), want_w, rtol=1e-4)
-
-
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c['n']}d-{c['data_format']}")
 def test_conv_check_grads(case):
     case = dict(case)
     n, data_format = case.pop("n"), case["data_format"]
-    rng = _rng("check_grads", n, data_format)
+    rng = seeded_rng("check_grads", n, data_format)
     sizes = (5, 4)[:n]
     x = rng.standard_normal((1, 4, *sizes) if data_format == CF else (1, *sizes, 4))
-    w = _conv_weight(rng, n, data_format, 4, 2, case["groups"], kernel=2)
+    w = conv_weight(rng, n, data_format, 4, 2, case["groups"], kernel=2)
     b = rng.standard_normal(2)
     check_grads(
         lambda x, w, b: conv(x, w, bias=b, **case), (x, w, b), order=2, modes=("fwd", "rev")
     )
 
 
-def test_conv_transpose_check_grads():
-    rng = _rng("check_grads_t")
-    y = rng.standard_normal((1, 4, 3, 2))
-    w = _conv_weight(rng, 2, CF, 4, 4, 2, kernel=2)
-    b = rng.standard_normal(4)
-    kw = dict(stride=2, padding=(1, 0), output_padding=(1, 0), groups=2, data_format=CF)
-    fn = lambda y, w, b: conv_transpose(y, w, bias=b, **kw)  # noqa: E731
-    check_grads(fn, (y, w, b), order=2, modes=("fwd", "rev"))
-
-
 def test_hessian_matches_torch():
-    rng = _rng("hessian")
+    rng = seeded_rng("hessian")
     x = rng.standard_normal((1, 2, 5, 4))
     w = rng.standard_normal((2, 1, 2, 3))
 
@@ -410,7 +216,7 @@ def test_hessian_matches_torch():
 )
 @pytest.mark.parametrize("transpose", [False, True])
 def test_dtypes(dtype, rtol, transpose):
-    rng = _rng("dtype", transpose)
+    rng = seeded_rng("dtype", transpose)
     # inputs exactly representable in `dtype`; PyTorch float64 on the same values is the reference
     x, w, b = (
         np.asarray(jnp.asarray(rng.uniform(-1, 1, shape), dtype), np.float64)
@@ -419,23 +225,23 @@ def test_dtypes(dtype, rtol, transpose):
     kw = dict(stride=2, padding=1, groups=2, dilation=1)
     if transpose:
         fn, kw["output_padding"] = conv_transpose, 1
-        ref, g, grads = _torch_conv_t(x, w, b, "dtype", g_dtype=dtype, **kw)
+        ref, g, grads = torch_conv_t(x, w, b, "dtype", g_dtype=dtype, **kw)
     else:
         fn = conv
         ref, g, grads = _torch_conv(x, w, b, "dtype", g_dtype=dtype, padding_mode="zeros", **kw)
     args = (jnp.asarray(a, dtype) for a in (x, w, b, g))
-    out, got_grads = _jax_vjp(fn, *args, data_format=CF, **kw)
+    out, got_grads = jax_vjp(fn, *args, data_format=CF, **kw)
     chex.assert_type([out, *got_grads], dtype)
     for got, want in zip((out, *got_grads), (ref, *grads), strict=True):
-        _assert_close(np.asarray(got, np.float64), want, rtol=rtol)
+        assert_close(np.asarray(got, np.float64), want, rtol=rtol)
 
 
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("data_format", [CF, CL])
 def test_batch_axes_and_vmap(transpose, data_format):
-    rng = _rng("batch", transpose, data_format)
+    rng = seeded_rng("batch", transpose, data_format)
     # x has 4 channels: the input of a 4 -> 6 conv, or the output side of a 6 -> 4 conv
-    w = _conv_weight(rng, 2, data_format, 6 if transpose else 4, 4 if transpose else 6, 2)
+    w = conv_weight(rng, 2, data_format, 6 if transpose else 4, 4 if transpose else 6, 2)
     fn = conv_transpose if transpose else conv
     kw = dict(stride=2, padding=1, groups=2, data_format=data_format)
     f = jax.jit(lambda x: fn(x, w, **kw))

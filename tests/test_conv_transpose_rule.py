@@ -1,7 +1,7 @@
 """conv_transpose's derivative in ``w`` on the CPU: ``conv``'s own derivative in ``w`` (for input
 ``g`` and cotangent ``y``), not XLA's transpose of the input-dilated convolution, whose window
 reversal XLA's CPU backend runs as a slow loop. Values are checked against PyTorch in
-test_conv.py; here the program's form and agreement with XLA's own rule."""
+test_conv_transpose.py; here the program's form and agreement with XLA's own rule."""
 
 import re
 
