@@ -6,8 +6,8 @@ and Lp pooling transpose slices and selects into pads and adds, adaptive average
 gather, and the gathers of adaptive max and fractional windows transpose into scatters of
 unique indices, or, for adaptive windows of
 varying lengths gathered at once, into scatters where at most two nonzero terms meet at each
-element (two numbers and zeros sum alike in any order; ``test_adaptive.py`` checks the bound).
-Fractional windows with a
+element (two numbers and zeros sum alike in any order; ``test_adaptive_programs.py`` checks
+the bound). Fractional windows with a
 non-integer ``alpha`` gather tap by tap, a scatter of unique indices each, and keep one stacked
 gather per axis (colliding scatters) for the case where the samples' rounding repeats a start
 before the last window, checked at run time (see ``test_fractional.py``).
@@ -356,6 +356,34 @@ def test_gpu_per_axis_picks_equal_the_cpu_block_pick(shape, window, stride, padd
 
     np.testing.assert_array_equal(gpu(t), cpu(t))
     g = jnp.asarray(np.random.default_rng(1).integers(-9, 9, gpu(t).shape), jnp.float32)
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    (want,), (got,) = jax.linear_transpose(gpu, spec)(g), jax.linear_transpose(cpu, spec)(g)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((3, 12, 5), 1), ((2, 4, 12, 3), 2)])
+def test_gpu_band_pick_equals_the_cpu_block_pick(shape, axis):
+    """PyTorch's fractional starts with an integer ``alpha`` pick from a band of ``2*alpha + k``
+    inputs: GPUs transpose the phase pick, the CPU runs the block adjoint. Same tangents and
+    cotangents (integer cotangents), checked here on the CPU."""
+    from jaxconv._src import block_pick
+    from jaxconv._src.window import AxisPlan
+    from jaxconv._src.window_argmax import phase_pick
+
+    band = AxisPlan(axis, 12, 6, 2, 1, 2, 0, 6)  # 12 -> 6 with kernel 2: alpha 2
+    out_shape = (*shape[:axis], 6, *shape[axis + 1 :])
+    rel = jnp.asarray(np.random.default_rng(2).integers(0, 6, out_shape), jnp.int16)
+    t = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+
+    def gpu(t):
+        return phase_pick(t, band, rel, shift_offsets=True)
+
+    def cpu(t):
+        return block_pick.block_pick(t, rel, plans=(band,))
+
+    assert block_pick.block_pickable((band,))
+    np.testing.assert_array_equal(gpu(t), cpu(t))
+    g = jnp.asarray(np.random.default_rng(1).integers(-9, 9, out_shape), jnp.float32)
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
     (want,), (got,) = jax.linear_transpose(gpu, spec)(g), jax.linear_transpose(cpu, spec)(g)
     np.testing.assert_array_equal(got, want)
