@@ -431,3 +431,22 @@ def test_band_rows_scatter_merged_or_along_the_axis_alike():
     program = jax.make_jaxpr(lambda v: fractional_plan._rows_to(v, to, (2**29, 5, 1), 1))(huge)
     (scatter,) = [e for e in program.eqns if e.primitive.name == "scatter-add"]
     assert scatter.invars[0].aval.shape == (2**29, 5, 1)  # not 2**29 * 5 merged rows
+
+
+def test_band_offsets_wider_than_int16_keep_their_gradient():
+    """An integer ``alpha`` of 32769 puts band offsets past int16: the gradient still goes to
+    the chosen inputs (the sample moves a start off the grid, so the band's pick runs)."""
+    size, u = 65540, np.float32(0.52323836)
+    assert int(torch_starts(jnp.asarray([u]), size, 3, 2)[0, 1]) == 32770  # not 32769
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, size, 1)), jnp.float32)
+    samples = jnp.full((1, 1, 1), u)
+
+    def pool(x):
+        return jaxconv.fractional_max_pool(
+            x, (2,), output_size=3, samples=samples, return_indices=True
+        )
+
+    _, index = pool(x)
+    grad = jax.grad(lambda x: jnp.sum(pool(x)[0]))(x)
+    want = np.bincount(np.asarray(index).ravel(), minlength=size).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(grad).ravel(), want)

@@ -361,8 +361,11 @@ def test_gpu_per_axis_picks_equal_the_cpu_block_pick(shape, window, stride, padd
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((3, 12, 5), 1), ((2, 4, 12, 3), 2)])
-def test_gpu_band_pick_equals_the_cpu_block_pick(shape, axis):
+@pytest.mark.parametrize(
+    ("shape", "axis", "alpha", "kernel"),
+    [((3, 12, 5), 1, 2, 2), ((2, 4, 12, 3), 2, 2, 2), ((2, 12, 3), 1, 1, 3)],
+)
+def test_gpu_band_pick_equals_the_cpu_block_pick(shape, axis, alpha, kernel):
     """PyTorch's fractional starts with an integer ``alpha`` pick from a band of ``2*alpha + k``
     inputs: GPUs transpose the phase pick, the CPU runs the block adjoint. Same tangents and
     cotangents (integer cotangents), checked here on the CPU."""
@@ -370,9 +373,11 @@ def test_gpu_band_pick_equals_the_cpu_block_pick(shape, axis):
     from jaxconv._src.window import AxisPlan
     from jaxconv._src.window_argmax import phase_pick
 
-    band = AxisPlan(axis, 12, 6, 2, 1, 2, 0, 6)  # 12 -> 6 with kernel 2: alpha 2
-    out_shape = (*shape[:axis], 6, *shape[axis + 1 :])
-    rel = jnp.asarray(np.random.default_rng(2).integers(0, 6, out_shape), jnp.int16)
+    out = (12 - kernel) // alpha + 1
+    band = AxisPlan(axis, 12, 2 * alpha + kernel, alpha, 1, alpha, 0, out)
+    out_shape = (*shape[:axis], out, *shape[axis + 1 :])
+    rel = np.random.default_rng(2).integers(0, band.kernel, out_shape)
+    rel = jnp.asarray(rel, jnp.int16)
     t = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
 
     def gpu(t):

@@ -24,17 +24,22 @@ for the general path (PyTorch channels_last about 16 ms). Under ``vmap`` over th
 condition is batched and both paths run.
 
 Otherwise taps are gathers (``take_along_axis`` for per-channel starts, ``take`` for shared ones).
-With an integer ``alpha`` off the grid, the tangent pick is a regular phase pick over a band
-(``FractionalPlan.pick``: pads and adds in reverse mode; in 16-bit dtypes too, whose coarse
-``i + u`` moves many starts: bfloat16 2x2 on the shape above, forward plus backward 15 against
-18 ms with the gathers' scatter). On the CPU its adjoint is :mod:`jaxconv._src.block_pick`'s,
-which keeps the offsets rather than a mask per block shift: 28.7 against 31.5 ms in bfloat16,
-float32 6.3 against 8.8 ms (medians of 30 interleaved calls on a machine whose memory moved
-5 GB/s). With a non-integer ``alpha`` (2x2 at ratio 0.7, 56 -> 39;
+With an integer ``alpha`` off the grid, the tangent pick is a regular pick over a band
+(``FractionalPlan.pick``), in 16-bit dtypes too, whose coarse ``i + u`` moves many starts:
+bfloat16 2x2 on the shape above, forward plus backward 15 against 18 ms with the gathers'
+scatter, when its reverse mode was pads and adds (as it still is on GPUs). On the CPU its
+adjoint is now :mod:`jaxconv._src.block_pick`'s, which keeps the offsets rather than a mask per
+block shift, masks that the regular path's branch of the condition wrote out as well: in one
+run of 30 interleaved calls on a machine whose memory moved 5 GB/s, bfloat16 28.7 against 31.5
+ms, float32 (starts on the grid: the regular path) 6.3 against 8.8 ms. With a non-integer
+``alpha`` (2x2 at ratio 0.7, 56 -> 39;
 3x3, 56 -> 27) start ``i`` is ``floor(i*alpha)`` or one more, up to rounding: the tangent picks
 from a band of static slices at ``floor(i*alpha) - 1`` (``FractionalPlan._base_pick``), whose
 transpose gathers: float32 (32, 56, 56, 64), forward plus backward 29 and 27 ms against 79 and
-85 ms with the gathers' scatter (PyTorch channels_last 28 and 24 ms). Where neither band holds
+85 ms with the gathers' scatter (PyTorch channels_last 28 and 24 ms), on a normal day; the
+rows now scatter over the leading axes merged (``_rows_to`` in ``fractional_plan``), which
+spares a copy of each axis's gradient out of a transposed layout (56 against 71 ms on the slow
+machine above). Where neither band holds
 (16-bit samples on long axes) and for Graham's windows, the tangent stacks a window's taps
 with one gather (``FractionalPlan.window``), so reverse mode scatters once per axis instead of
 once per tap; on GPUs, where a scatter-add of colliding indices sums in a varying order, it

@@ -122,8 +122,8 @@ class FractionalPlan:
 
         With an integer ``alpha = step``, start ``i`` lies in ``[(i - 1)*step, (i + 1)*step]``,
         so the chosen input is in a band of ``2*step + kernel`` from ``(i - 1)*step``: a
-        regular window of stride ``step`` whose phase pick transposes to pads and adds, not a
-        scatter. That holds where the samples' dtype holds every integer up to the axis size
+        regular window of stride ``step`` (:func:`_band_pick`), whose pick transposes without
+        a scatter. That holds where the samples' dtype holds every integer up to the axis size
         exactly, so that ``i + u`` rounds into ``[i, i + 1]``: up to 256 in bfloat16, 2048 in
         float16 (:func:`band_holds`). Other ``alpha``: :meth:`_base_pick`. None for Graham's
         windows and where the band does not hold."""
@@ -136,7 +136,8 @@ class FractionalPlan:
         band = AxisPlan(self.axis, self.size, 2 * a + self.kernel, a, 1, a, 0, self.out)
         lo = along(np.arange(self.out, dtype=np.int32) * a - a, self.axis, offset.ndim)
         rel = self._spread(start, offset.ndim) + offset.astype(jnp.int32) - jnp.asarray(lo)
-        return _band_pick(t, band, rel.astype(jnp.int16))
+        narrow = band.kernel <= np.iinfo(np.int16).max
+        return _band_pick(t, band, rel.astype(jnp.int16 if narrow else jnp.int32))
 
     def _bases(self) -> np.ndarray:
         """``floor(i*alpha)`` (exact) and the last start ``size - kernel``: PyTorch's start ``i``
@@ -252,17 +253,21 @@ def _rows_to(t, to, shape, axis: int):
     alone (:func:`_axis_rows_to`), XLA put the scattered axis first and copied each axis's
     gradient back into row-major order. 2x2 at ratio 0.7 on (32, 56, 56, 64), forward plus
     backward: float32 56 against 71 ms, bfloat16 49 against 60 (medians of 30 interleaved
-    calls on a machine whose memory moved 5 GB/s). Merged rows past int32 keep the latter."""
-    if math.prod(shape[: axis + 1]) < INT32_MAX:
+    calls on a machine whose memory moved 5 GB/s). Row numbers past int32 keep the latter."""
+    if math.prod(t.shape[:axis]) * (shape[axis] + t.shape[axis]) < INT32_MAX:
         return _merged_rows_to(t, to, shape, axis)
     return _axis_rows_to(t, to, shape, axis)
 
 
 def _merged_rows_to(t, to, shape, axis: int):
+    """:func:`_rows_to` as one scatter of the rows of ``t`` with its leading axes merged; rows
+    dropped go past the end, each to a place of its own (the indices stay unique)."""
     size, out = t.shape[axis], shape[axis]
     lead = math.prod(t.shape[:axis])
-    rows = jnp.arange(lead, dtype=jnp.int32)[:, None] * out + jnp.asarray(to, jnp.int32)
-    rows = jnp.where(jnp.asarray(to < out), rows, lead * out)  # past the end: dropped
+    place = jnp.arange(lead, dtype=jnp.int32)[:, None]
+    rows = place * out + jnp.asarray(to, jnp.int32)
+    past = lead * out + place * size + jnp.arange(size, dtype=jnp.int32)
+    rows = jnp.where(jnp.asarray(to < out), rows, past)
     dims = lax.ScatterDimensionNumbers(
         update_window_dims=tuple(range(1, t.ndim - axis)),
         inserted_window_dims=(0,),
@@ -276,5 +281,6 @@ def _merged_rows_to(t, to, shape, axis: int):
 
 
 def _axis_rows_to(t, to, shape, axis: int):
+    """:func:`_rows_to` as one scatter along ``axis`` (``to`` past the axis: dropped)."""
     where = (slice(None),) * axis + (jnp.asarray(to, jnp.int32),)
     return jnp.zeros(shape, t.dtype).at[where].add(t, mode="drop", unique_indices=True)
