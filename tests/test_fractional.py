@@ -413,26 +413,6 @@ def test_half_precision_starts_round_every_operation(dtype):
         assert (got[:, -1] == size - k).all()
 
 
-def test_band_rows_scatter_merged_or_along_the_axis_alike():
-    """The non-integer band's rows go to their outputs in one scatter over the leading axes
-    merged (int32 row numbers) or, where those would pass int32, along the axis alone: the
-    same array, dropped rows included."""
-    from jaxconv._src import fractional_plan
-
-    t = jnp.asarray(np.random.default_rng(0).standard_normal((3, 7, 5, 2)), jnp.float32)
-    to = np.array([1, 9, 0, 4, 8, 2, 3])  # 9 and 8 are past the 5 outputs: dropped
-    shape = (3, 5, 5, 2)
-    merged = fractional_plan._merged_rows_to(t, to, shape, 1)
-    along_axis = fractional_plan._axis_rows_to(t, to, shape, 1)
-    np.testing.assert_array_equal(merged, along_axis)
-    np.testing.assert_array_equal(merged[:, 4], t[:, 3])
-    np.testing.assert_array_equal(fractional_plan._rows_to(t, to, shape, 1), merged)
-    huge = jax.ShapeDtypeStruct((2**29, 7, 1), jnp.float32)
-    program = jax.make_jaxpr(lambda v: fractional_plan._rows_to(v, to, (2**29, 5, 1), 1))(huge)
-    (scatter,) = [e for e in program.eqns if e.primitive.name == "scatter-add"]
-    assert scatter.invars[0].aval.shape == (2**29, 5, 1)  # not 2**29 * 5 merged rows
-
-
 def test_band_offsets_wider_than_int16_keep_their_gradient():
     """An integer ``alpha`` of 32769 puts band offsets past int16: the gradient still goes to
     the chosen inputs (the sample moves a start off the grid, so the band's pick runs)."""

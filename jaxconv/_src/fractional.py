@@ -36,10 +36,11 @@ ms, float32 (starts on the grid: the regular path) 6.3 against 8.8 ms. With a no
 3x3, 56 -> 27) start ``i`` is ``floor(i*alpha)`` or one more, up to rounding: the tangent picks
 from a band of static slices at ``floor(i*alpha) - 1`` (``FractionalPlan._base_pick``), whose
 transpose gathers: float32 (32, 56, 56, 64), forward plus backward 29 and 27 ms against 79 and
-85 ms with the gathers' scatter (PyTorch channels_last 28 and 24 ms), on a normal day; the
-rows now scatter over the leading axes merged (``_rows_to`` in ``fractional_plan``), which
-spares a copy of each axis's gradient out of a transposed layout (56 against 71 ms on the slow
-machine above). Where neither band holds
+85 ms with the gathers' scatter (PyTorch channels_last 28 and 24 ms), on a normal day. XLA
+lays each axis's gathered gradient out with that axis first and copies it back into row-major
+order; scattering over the leading axes merged with the axis avoided the copies (56 against 71
+ms on the slow machine above) but merged the batch axis too, which a batch-sharded gradient
+then gathered across devices. Where neither band holds
 (16-bit samples on long axes) and for Graham's windows, the tangent stacks a window's taps
 with one gather (``FractionalPlan.window``), so reverse mode scatters once per axis instead of
 once per tap; on GPUs, where a scatter-add of colliding indices sums in a varying order, it

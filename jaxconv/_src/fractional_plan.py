@@ -8,14 +8,12 @@ or static slices where the starts provably stay in one (:func:`band_holds`).
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxconv._src.args import INT32_MAX
 from jaxconv._src.block_pick import block_pick, block_pickable
 from jaxconv._src.window import AxisPlan, along
 from jaxconv._src.window_argmax import phase_pick
@@ -189,7 +187,8 @@ class FractionalPlan:
             real = (lo + m >= 0) & (lo + m < self.size)
             to = np.arange(self.size) + self.out  # out of range: dropped
             to[(lo + m)[real]] = np.flatnonzero(real)
-            return _rows_to(t, to, shape, self.axis)
+            where = (slice(None),) * self.axis + (jnp.asarray(to, jnp.int32),)
+            return jnp.zeros(shape, t.dtype).at[where].add(t, mode="drop", unique_indices=True)
 
         chosen = tap(0)
         for m in range(1, width):
@@ -242,45 +241,3 @@ def _band_pick(t, band: AxisPlan, rel):
         return phases(t, offset=rel)
     cpu = functools.partial(block_pick, plans=(band,))
     return lax.platform_dependent(t, rel, cpu=cpu, default=lambda t, rel: phases(t, offset=rel))
-
-
-def _rows_to(t, to, shape, axis: int):
-    """Rows ``j`` of ``t`` along ``axis`` at rows ``to[j]`` of zeros of ``shape`` (``to`` static
-    and unique; ``to[j]`` past the axis: dropped).
-
-    One scatter over the leading axes merged with ``axis`` (:func:`_merged_rows_to`), so that
-    XLA keeps it and its transpose, a gather of rows, in plain row-major order: over ``axis``
-    alone (:func:`_axis_rows_to`), XLA put the scattered axis first and copied each axis's
-    gradient back into row-major order. 2x2 at ratio 0.7 on (32, 56, 56, 64), forward plus
-    backward: float32 56 against 71 ms, bfloat16 49 against 60 (medians of 30 interleaved
-    calls on a machine whose memory moved 5 GB/s). Row numbers past int32 keep the latter."""
-    if math.prod(t.shape[:axis]) * (shape[axis] + t.shape[axis]) < INT32_MAX:
-        return _merged_rows_to(t, to, shape, axis)
-    return _axis_rows_to(t, to, shape, axis)
-
-
-def _merged_rows_to(t, to, shape, axis: int):
-    """:func:`_rows_to` as one scatter of the rows of ``t`` with its leading axes merged; rows
-    dropped go past the end, each to a place of its own (the indices stay unique)."""
-    size, out = t.shape[axis], shape[axis]
-    lead = math.prod(t.shape[:axis])
-    place = jnp.arange(lead, dtype=jnp.int32)[:, None]
-    rows = place * out + jnp.asarray(to, jnp.int32)
-    past = lead * out + place * size + jnp.arange(size, dtype=jnp.int32)
-    rows = jnp.where(jnp.asarray(to < out), rows, past)
-    dims = lax.ScatterDimensionNumbers(
-        update_window_dims=tuple(range(1, t.ndim - axis)),
-        inserted_window_dims=(0,),
-        scatter_dims_to_operand_dims=(0,),
-    )
-    zeros = jnp.zeros((lead * out, *shape[axis + 1 :]), t.dtype)
-    flat = t.reshape(lead * size, *t.shape[axis + 1 :])
-    mode = lax.GatherScatterMode.FILL_OR_DROP
-    merged = lax.scatter_add(zeros, rows.reshape(-1, 1), flat, dims, unique_indices=True, mode=mode)
-    return merged.reshape(shape)
-
-
-def _axis_rows_to(t, to, shape, axis: int):
-    """:func:`_rows_to` as one scatter along ``axis`` (``to`` past the axis: dropped)."""
-    where = (slice(None),) * axis + (jnp.asarray(to, jnp.int32),)
-    return jnp.zeros(shape, t.dtype).at[where].add(t, mode="drop", unique_indices=True)
