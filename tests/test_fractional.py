@@ -413,6 +413,34 @@ def test_half_precision_starts_round_every_operation(dtype):
         assert (got[:, -1] == size - k).all()
 
 
+def test_band_rows_scatter_merged_or_along_the_axis_alike():
+    """The non-integer band's rows go to their outputs in one scatter over the spatial axes
+    merged, batched over the axes before them, or, where the row numbers would pass int32,
+    along the axis alone: the same array, dropped rows included."""
+    from jaxconv._src import fractional_plan
+
+    t = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 7, 2)), jnp.float32)
+    to = np.array([1, 9, 0, 4, 8, 2, 3])  # 9 and 8 are past the 5 outputs: dropped
+    shape = (3, 4, 5, 2)
+    along_axis = fractional_plan._axis_rows_to(t, to, shape, 2)
+    np.testing.assert_array_equal(along_axis[:, :, 4], t[:, :, 3])
+    np.testing.assert_array_equal(along_axis[:, :, 1], t[:, :, 0])
+    for first in (0, 1, 2):
+        got = fractional_plan._rows_to(t, to, shape, 2, first)
+        np.testing.assert_array_equal(got, along_axis)
+
+    def scatter_operand(v, first):
+        program = jax.make_jaxpr(
+            lambda v: fractional_plan._rows_to(v, to, (*v.shape[:2], 5, v.shape[3]), 2, first)
+        )
+        (scatter,) = [e for e in program(v).eqns if e.primitive.name == "scatter-add"]
+        return scatter.invars[0].aval.shape
+
+    assert scatter_operand(t, 1) == (3, 20, 2)  # the batch axis apart, the spatial ones merged
+    huge = jax.ShapeDtypeStruct((1, 2**29, 7, 1), jnp.float32)
+    assert scatter_operand(huge, 1) == (1, 2**29, 5, 1)  # not 2**29 * 5 merged rows
+
+
 def test_band_offsets_wider_than_int16_keep_their_gradient():
     """An integer ``alpha`` of 32769 puts band offsets past int16: the gradient still goes to
     the chosen inputs (the sample moves a start off the grid, so the band's pick runs)."""

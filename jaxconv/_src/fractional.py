@@ -36,16 +36,17 @@ ms, float32 (starts on the grid: the regular path) 6.3 against 8.8 ms. With a no
 3x3, 56 -> 27) start ``i`` is ``floor(i*alpha)`` or one more, up to rounding: the tangent picks
 from a band of static slices at ``floor(i*alpha) - 1`` (``FractionalPlan._base_pick``), whose
 transpose gathers: float32 (32, 56, 56, 64), forward plus backward 29 and 27 ms against 79 and
-85 ms with the gathers' scatter (PyTorch channels_last 28 and 24 ms), on a normal day. XLA
-lays each axis's gathered gradient out with that axis first and copies it back into row-major
-order; scattering over the leading axes merged with the axis avoided the copies (56 against 71
-ms on the slow machine above) but merged the batch axis too, which a batch-sharded gradient
-then gathered across devices. Where neither band holds
-(16-bit samples on long axes) and for Graham's windows, the tangent stacks a window's taps
-with one gather (``FractionalPlan.window``), so reverse mode scatters once per axis instead of
-once per tap; on GPUs, where a scatter-add of colliding indices sums in a varying order, it
-gathers tap by tap instead (``FractionalPlan.distinct_taps``), each tap's indices unique
-because the starts strictly increase (``alpha >= 1``), checked at run time.
+85 ms with the gathers' scatter (PyTorch channels_last 28 and 24 ms), on a normal day. Along
+an inner spatial axis the rows scatter over the spatial axes merged, batched over the batch
+(``_rows_to`` in ``fractional_plan``): along the axis alone, XLA laid each axis's gradient out
+with that axis first and copied it back (2x2 at ratio 0.7, float32 60 against 70 ms, bfloat16
+34 against 42, channels_first float32 66 against 93, on a machine whose memory moved 10 GB/s);
+merged with the batch too, a batch-sharded gradient gathered across devices. Where neither
+band holds (16-bit samples on long axes) and for Graham's windows, the tangent stacks a
+window's taps with one gather (``FractionalPlan.window``), so reverse mode scatters once per
+axis instead of once per tap; on GPUs, where a scatter-add of colliding indices sums in a
+varying order, it gathers tap by tap instead (``FractionalPlan.distinct_taps``), each tap's
+indices unique because the starts strictly increase (``alpha >= 1``), checked at run time.
 """
 
 import functools
@@ -320,7 +321,8 @@ def fractional_max_pool(
         step = (size - k) // (out - 1) if out > 1 and (size - k) % (out - 1) == 0 else None
         step = step if size < 2**24 else None
         band = band_holds(size, x.dtype, integer_alpha=step is not None)
-        plans.append(FractionalPlan(axis, size, k, out, step, band, last=i == n - 1))
+        plan = FractionalPlan(axis, size, k, out, step, band, last=i == n - 1, first=axes[0])
+        plans.append(plan)
     return _pool_fractional(x, tuple(plans), tuple(aux), starts, return_indices)
 
 

@@ -8,12 +8,14 @@ or static slices where the starts provably stay in one (:func:`band_holds`).
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxconv._src.args import INT32_MAX
 from jaxconv._src.block_pick import block_pick, block_pickable
 from jaxconv._src.window import AxisPlan, along
 from jaxconv._src.window_argmax import phase_pick
@@ -37,6 +39,7 @@ class FractionalPlan:
     step: int | None = None
     band: bool = False  # PyTorch's starts that stay in the band of :meth:`pick` (see there)
     last: bool = False  # the last spatial axis: its pick is the first, on the input tangent
+    first: int = 0  # the first spatial axis: the axes before it are batches (and channels)
 
     def _spread(self, v, ndim):
         """A 1-D per-output array shaped to broadcast along ``axis``; others pass through."""
@@ -187,8 +190,7 @@ class FractionalPlan:
             real = (lo + m >= 0) & (lo + m < self.size)
             to = np.arange(self.size) + self.out  # out of range: dropped
             to[(lo + m)[real]] = np.flatnonzero(real)
-            where = (slice(None),) * self.axis + (jnp.asarray(to, jnp.int32),)
-            return jnp.zeros(shape, t.dtype).at[where].add(t, mode="drop", unique_indices=True)
+            return _rows_to(t, to, shape, self.axis, self.first)
 
         chosen = tap(0)
         for m in range(1, width):
@@ -241,3 +243,55 @@ def _band_pick(t, band: AxisPlan, rel):
         return phases(t, offset=rel)
     cpu = functools.partial(block_pick, plans=(band,))
     return lax.platform_dependent(t, rel, cpu=cpu, default=lambda t, rel: phases(t, offset=rel))
+
+
+def _rows_to(t, to, shape, axis: int, first: int):
+    """Rows ``j`` of ``t`` along ``axis`` at rows ``to[j]`` of zeros of ``shape`` (``to`` static
+    and unique; ``to[j]`` past the axis: dropped); ``first`` is the first spatial axis.
+
+    Along an inner spatial axis, one scatter over the spatial axes up to ``axis`` merged
+    (:func:`_merged_rows_to`), batched over the axes before ``first``: XLA keeps it and its
+    transpose, a gather of rows, in row-major order, where along ``axis`` alone
+    (:func:`_axis_rows_to`) it put the scattered axis first and copied each axis's gradient
+    back. The batch axes stay apart, so a batch-sharded gradient needs no collectives. 2x2 at
+    ratio 0.7 on (32, 56, 56, 64), forward plus backward: float32 56 against 70 ms, bfloat16
+    42 against 54 (medians of 20 interleaved calls on a machine whose memory moved 10 GB/s).
+    Row numbers past int32 keep the scatter along the axis."""
+    merged = math.prod(t.shape[first:axis]) * (shape[axis] + t.shape[axis])
+    if axis == first or merged >= INT32_MAX:
+        return _axis_rows_to(t, to, shape, axis)
+
+    def rows_to(t):
+        return _merged_rows_to(t, to, shape[first:], axis - first)
+
+    for _ in range(first):
+        rows_to = jax.vmap(rows_to)
+    return rows_to(t)
+
+
+def _merged_rows_to(t, to, shape, axis: int):
+    """:func:`_rows_to` as one scatter of the rows of ``t`` with the axes up to ``axis``
+    merged; rows dropped go past the end, each to a place of its own (the indices stay
+    unique)."""
+    size, out = t.shape[axis], shape[axis]
+    lead = math.prod(t.shape[:axis])
+    place = jnp.arange(lead, dtype=jnp.int32)[:, None]
+    rows = place * out + jnp.asarray(to, jnp.int32)
+    past = lead * out + place * size + jnp.arange(size, dtype=jnp.int32)
+    rows = jnp.where(jnp.asarray(to < out), rows, past)
+    dims = lax.ScatterDimensionNumbers(
+        update_window_dims=tuple(range(1, t.ndim - axis)),
+        inserted_window_dims=(0,),
+        scatter_dims_to_operand_dims=(0,),
+    )
+    zeros = jnp.zeros((lead * out, *shape[axis + 1 :]), t.dtype)
+    flat = t.reshape(lead * size, *t.shape[axis + 1 :])
+    mode = lax.GatherScatterMode.FILL_OR_DROP
+    merged = lax.scatter_add(zeros, rows.reshape(-1, 1), flat, dims, unique_indices=True, mode=mode)
+    return merged.reshape(shape)
+
+
+def _axis_rows_to(t, to, shape, axis: int):
+    """:func:`_rows_to` as one scatter along ``axis`` (``to`` past the axis: dropped)."""
+    where = (slice(None),) * axis + (jnp.asarray(to, jnp.int32),)
+    return jnp.zeros(shape, t.dtype).at[where].add(t, mode="drop", unique_indices=True)
