@@ -2,6 +2,8 @@
 derivatives follow the same winners, its sums run in PyTorch's window order and it is bitwise
 reproducible."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +124,35 @@ def test_one_element_winning_four_windows_sums_their_cotangents_in_window_order(
     F.max_pool2d(tx, 4, 2).backward(torch.tensor(np.moveaxis(g, -1, 1)))
     np.testing.assert_array_equal(got, np.moveaxis(tx.grad.numpy(), 1, -1))
     assert got[0, 2, 2, 0] == 0
+
+
+@pytest.mark.parametrize(
+    ("shape", "pool", "torch_pool"),
+    [
+        ((1, 20, 22, 2), dict(window=(5, 5), stride=2, padding=2), None),
+        ((1, 6, 8, 9, 2), dict(window=(3, 3, 3), stride=2, padding=1), None),
+        ((1, 20, 22, 2), dict(window=(4, 3), stride=(3, 2), padding=(2, 1), dilation=(2, 3)), None),
+        ((1, 22, 22, 2), None, lambda t: F.adaptive_max_pool2d(t, 3)),  # kernel 8, stride 7
+    ],
+)
+def test_negative_zero_cotangents_leave_pytorch_positive_zeros(shape, pool, torch_pool):
+    """PyTorch adds the cotangents to zeros, so a ``-0.0`` cotangent leaves ``+0.0``: the same
+    bits here, where an element lies in one window only as well as in several."""
+    x = np.random.default_rng(12).standard_normal(shape).astype(np.float32)
+    if pool is None:
+        op = functools.partial(jaxconv.adaptive_max_pool, output_size=(3, 3))
+    else:
+        op = functools.partial(jaxconv.max_pool, **pool)
+        args = {k: v for k, v in pool.items() if k != "window"}
+        torch_pool = functools.partial(
+            (F.max_pool2d, F.max_pool3d)[len(shape) - 4], kernel_size=pool["window"], **args
+        )
+    with jax.default_device(jax.devices("cpu")[0]):  # the CPU's adjoint on any host
+        y, vjp = jax.vjp(op, jnp.asarray(x))
+        got = np.asarray(jax.jit(vjp)(jnp.full(y.shape, -0.0, jnp.float32))[0])
+    tx = torch.tensor(np.moveaxis(x, -1, 1), requires_grad=True)
+    ty = torch_pool(tx)
+    ty.backward(torch.full(ty.shape, -0.0))
+    want = np.moveaxis(tx.grad.numpy(), 1, -1)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    assert not np.signbit(want).any()
