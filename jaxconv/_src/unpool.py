@@ -77,31 +77,8 @@ def _default_sizes(in_sizes, kernel, stride, pads) -> tuple[int, ...]:
 def _output_sizes(output_size, default, stride, shape, axes) -> tuple[int, ...]:
     """``output_size`` (``n`` spatial sizes or the full output shape) checked against PyTorch's
     rule ``default - stride < size < default + stride``."""
-    n = len(default)
-    if output_size is None:
-        sizes = default
-    else:
-        if not isinstance(output_size, Sequence) or isinstance(output_size, str):
-            raise TypeError(
-                f"{_FNAME}: `output_size` must be None or a sequence of ints, got {output_size!r}."
-            )
-        if not all(is_int(v) for v in output_size):
-            raise TypeError(f"{_FNAME}: `output_size` must contain ints, got {output_size!r}.")
-        if len(output_size) == len(shape) and len(shape) != n:
-            full = tuple(int(v) for v in output_size)
-            others = [a for a in range(len(shape)) if a not in axes]
-            if any(full[a] != shape[a] for a in others):
-                raise ValueError(
-                    f"{_FNAME}: `output_size` given as a full shape {full} must keep the batch "
-                    f"and channel sizes of `x` {shape}."
-                )
-            output_size = [full[a] for a in axes]
-        if len(output_size) != n:
-            raise ValueError(
-                f"{_FNAME}: `output_size` must have {n} entries (spatial sizes) or "
-                f"{len(shape)} (the full output shape), got {output_size!r}."
-            )
-        sizes = tuple(int(v) for v in output_size)
+    sizes = default if output_size is None else _requested_sizes(output_size, default, shape, axes)
+    if output_size is not None:
         for size, d, s in zip(sizes, default, stride, strict=True):
             if not d - s < size < d + s:
                 raise ValueError(
@@ -120,6 +97,33 @@ def _output_sizes(output_size, default, stride, shape, axes) -> tuple[int, ...]:
             f"indices), got sizes {sizes}."
         )
     return sizes
+
+
+def _requested_sizes(output_size, default, shape, axes) -> tuple[int, ...]:
+    """The spatial sizes of ``output_size``: ``n`` ints, or the full output shape whose batch
+    and channel sizes are those of ``x``."""
+    n = len(default)
+    if not isinstance(output_size, Sequence) or isinstance(output_size, str):
+        raise TypeError(
+            f"{_FNAME}: `output_size` must be None or a sequence of ints, got {output_size!r}."
+        )
+    if not all(is_int(v) for v in output_size):
+        raise TypeError(f"{_FNAME}: `output_size` must contain ints, got {output_size!r}.")
+    if len(output_size) == len(shape) and len(shape) != n:
+        full = tuple(int(v) for v in output_size)
+        others = [a for a in range(len(shape)) if a not in axes]
+        if any(full[a] != shape[a] for a in others):
+            raise ValueError(
+                f"{_FNAME}: `output_size` given as a full shape {full} must keep the batch "
+                f"and channel sizes of `x` {shape}."
+            )
+        output_size = [full[a] for a in axes]
+    if len(output_size) != n:
+        raise ValueError(
+            f"{_FNAME}: `output_size` must have {n} entries (spatial sizes) or "
+            f"{len(shape)} (the full output shape), got {output_size!r}."
+        )
+    return tuple(int(v) for v in output_size)
 
 
 def _scatter_planes(values: jax.Array, indices: jax.Array, length: int, axis: int) -> jax.Array:
