@@ -82,6 +82,7 @@ CASES = [
     ((4, 4, 6), (2, 3, 5), "channels_last", np.float64),
     # windows of varying lengths, over 16 taps: one gather of all taps for the averages too
     ((100, 37), (7, 5), "channels_first", np.float32),
+    ((90, 100), (7, 7), "channels_last", np.float32),  # 13-14 and 15-16 taps: two tap folds
     ((200,), (3,), "channels_last", np.float64),  # 68 taps: the value reduces the gather too
     ((31, 5, 23), (3, 2, 2), "channels_last", np.float64),
 ]

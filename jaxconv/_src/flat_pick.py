@@ -15,10 +15,12 @@ against the scatter: S = 60 5.5-6.7 / 3.9-4.0 ms against 7.3-8.8 / 7.6-8.3 (PyTo
 4.9 / 2.6); S = 100 28-33 / 23-25 against 28-33 / 29-30 (11.4 / 6.9). 1-D (64, 4096, 256) -> 300
 bfloat16 89-92 against 135-142 ms.
 
-The positions are written out by a reduction first (:func:`_held`), and so are the offsets of
-stages that fold their taps: XLA otherwise fuses their computation into each of the adjoint's
-gathers and redoes it per input element (float32 (32, 50, 50, 64) -> 7x7: 17 against 0.9 ms;
-100 -> 7 with folded stages 65 against 46 ms, timed under load).
+The positions and the cotangent are written out by a reduction first
+(:func:`~jaxconv._src.tap_fold.held`; stages that fold their taps write their offsets out
+too): XLA otherwise fuses their computation into each of the adjoint's gathers and redoes it
+per input element (float32 (32, 50, 50, 64) -> 7x7: 17 against 0.9 ms; 100 -> 7 with folded
+stages 65 against 46 ms, timed under load; ``jax.grad`` of the sum of squares of 100 -> 7,
+whose cotangent is twice the pooled value, 150 against 250-320 ms).
 """
 
 import dataclasses
@@ -26,11 +28,10 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxconv._src.args import INT32_MAX
 from jaxconv._src.linear import adjoint_pair, linear_primitive
-from jaxconv._src.stacked import folds_winners
+from jaxconv._src.tap_fold import held
 from jaxconv._src.window import along
 
 
@@ -58,8 +59,6 @@ def winner_index(stages, plans):
     (last axis first); each stage's offsets are read at the winners of the stages after it."""
     first, flat = plans[0].axis, None
     for k, (plan, offset) in enumerate(zip(plans, reversed(stages), strict=True)):
-        if folds_winners(plan):  # a fold's result, which XLA would redo in the gathers
-            offset = _held(offset)
         if k:
             offset = _take_merged(offset, flat, first, k)
         position = plan.position(offset).astype(jnp.int32)
@@ -67,20 +66,14 @@ def winner_index(stages, plans):
     return flat
 
 
-def _held(index):
-    """``index`` as the result of a reduction, which XLA writes out rather than fusing."""
-    low = jnp.asarray(jnp.iinfo(index.dtype).min, index.dtype)
-    both = jnp.stack([index, jnp.full_like(index, low)], axis=-1)
-    return lax.reduce(both, low, lax.max, (index.ndim,))
-
-
 def _opaque(g, index):
-    """``g`` behind a select on the winners' positions (never negative), so that XLA cannot
+    """``g`` written out (:func:`~jaxconv._src.tap_fold.held`), behind a select on the winners'
+    positions (never negative), so that XLA cannot
     constant-fold the static-index gathers of a constant ``g`` (the gradient of a sum): it
     evaluated them element by element at compile time (float32 (32, 100, 100, 64) -> 7x7,
     ``jax.grad`` of the sum: compiled in 26 s against 1.0 s, on an idle machine; 134 s on a
     loaded one)."""
-    return jnp.where(index >= 0, g, jnp.zeros((), g.dtype))
+    return jnp.where(index >= 0, held(g), jnp.zeros((), g.dtype))
 
 
 def _pick(t, index, *, plans):
@@ -104,7 +97,7 @@ def _neighbours(term, axis: int, last, before, inside):
 def _spread(g, index, *, plans):
     """The adjoint of :func:`_pick`: each input element sums, in a fixed order, the entries of
     ``g`` whose winner it is, among the (at most ``2^n``) windows holding it."""
-    index = _held(index)
+    index = held(index)
     terms, own = [(_opaque(g, index), index, None)], None
     for plan in plans:
         last, before, shared = plan.containing()

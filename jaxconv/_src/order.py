@@ -30,9 +30,13 @@ def is_narrow(dtype) -> bool:
 def order_key(x: jax.Array) -> jax.Array:
     """int16 keys of a 16-bit float array in the floats' order (-0 just below +0), with every
     NaN above everything."""
-    bits = lax.bitcast_convert_type(x, jnp.int16)
+    return bits_key(lax.bitcast_convert_type(x, jnp.int16), x.dtype)
+
+
+def bits_key(bits: jax.Array, dtype) -> jax.Array:
+    """:func:`order_key` of the 16-bit floats of ``dtype`` whose bits (int16) are ``bits``."""
     magnitude = bits & jnp.int16(_MAGNITUDE)
-    inf_bits = int(np.asarray(np.inf, x.dtype).view(np.int16))
+    inf_bits = int(np.asarray(np.inf, dtype).view(np.int16))
     key = jnp.where(bits < 0, ~magnitude, magnitude)
     return jnp.where(magnitude > jnp.int16(inf_bits), jnp.int16(_MAGNITUDE), key)
 

@@ -75,12 +75,11 @@ from jaxconv._src.block_pick import block_pick, block_pickable
 from jaxconv._src.flat_pick import flat_pick, flat_pickable
 from jaxconv._src.joint import joint_max, joint_pick, joint_winners, use_joint
 from jaxconv._src.order import (
+    bits_key,
     from_key,
-    is_nan,
     is_narrow,
     lowest_key,
     order_key,
-    tie_key,
 )
 from jaxconv._src.stacked import (
     WINDOW_VALUES_MIN_KERNEL,
@@ -91,11 +90,11 @@ from jaxconv._src.stacked import (
     stacked_stage,
     window_values,
 )
+from jaxconv._src.tap_fold import at_winners, fold, fold_at_winners, winner_offset
 from jaxconv._src.window import AxisPlan, pick_taps
 from jaxconv._src.window_argmax import (
     argmax_stage,
     crop_out,
-    offset_dtype,
     phase_pick,
     use_reduce_window,
     window_args,
@@ -111,41 +110,27 @@ def _as_keys(x):
     return x, jnp.asarray(-jnp.inf, x.dtype)
 
 
+def _keyed_fold(x, plan, a):
+    """:func:`~jaxconv._src.tap_fold.fold_at_winners` of 16-bit ``x`` on its order keys: the
+    taps gather the bits of ``x``, keyed inside the fold's loop (the keys of all of ``x`` were
+    written out first, and 16-bit taps gathered through float32), and the winners' keys are
+    those of ``x``'s elements gathered at them (with indices, XLA's CPU compiler still writes
+    the bits out once). Returns keys, offsets and no payloads."""
+    bits = lax.bitcast_convert_type(x, jnp.int16)
+    fill = lax.bitcast_convert_type(jnp.asarray(-jnp.inf, x.dtype), jnp.int16)
+    taps = [bits_key(t, x.dtype) for t in plan.taps(bits, fill, a)]
+    offset = winner_offset(taps, plan.valid(x.ndim))
+    (value,) = at_winners((x,), plan, a, offset)
+    return order_key(value), offset, []
+
+
 def _from_keys(value, dtype):
     """The inverse of :func:`_as_keys` for values of ``dtype``."""
     return from_key(value, dtype) if is_narrow(dtype) else value
 
 
-def _beats(new, old):
-    """Whether tap ``new`` replaces the running maximum ``old``: larger, or NaN. Order keys
-    compare as their floats do (:func:`~jaxconv._src.order.tie_key`: -0 ties with +0)."""
-    if jnp.issubdtype(new.dtype, jnp.integer):
-        return (tie_key(new) > tie_key(old)) | is_nan(new)
-    return (new > old) | jnp.isnan(new)
-
-
-def _fold(taps, valid, payloads):
-    """Winner among ``taps`` (floats or order keys) per position: its value, its offset and its
-    carried payloads."""
-    dtype = offset_dtype(len(taps))
-    value, ok, carry = taps[0], valid[0], list(payloads[0])
-    offset = jnp.zeros(value.shape, dtype)
-    for j in range(1, len(taps)):
-        new = taps[j]
-        win = _beats(new, value)
-        if valid[j] is not None:
-            win = win & valid[j]
-        if ok is not None:
-            win = win | ~ok
-            ok = None if valid[j] is None else ok | valid[j]
-        value = jnp.where(win, new, value)
-        offset = jnp.where(win, jnp.asarray(j, dtype), offset)
-        carry = [jnp.where(win, p, c) for p, c in zip(payloads[j], carry, strict=True)]
-    return value, offset, carry
-
-
 def _stacked_fold(value, a, plan, payloads):
-    """:func:`_fold` over a ``gathered_winners`` plan's window (values or order keys): the
+    """The tap fold over a ``gathered_winners`` plan's window (values or order keys): the
     winner's value, offset and carried payloads. Values keep the tie rule's derivative (higher
     orders differentiate this)."""
     axis = plan.axis + 1
@@ -173,10 +158,15 @@ def max_stages(x, aux, plans):
             stages.append(offset)
             finals.append(offset)
             continue
-        value_taps = plan.taps(value, fill, a)
-        payload_taps = [plan.taps(f, jnp.asarray(0, f.dtype), a) for f in finals]
-        per_tap = list(zip(*payload_taps, strict=True)) if finals else [()] * len(value_taps)
-        value, offset, finals = _fold(value_taps, plan.valid(value.ndim), per_tap)
+        if folds_winners(plan) and not stages and is_narrow(x.dtype):  # keys read once
+            value, offset, finals = _keyed_fold(x, plan, a)
+        elif folds_winners(plan):
+            value, offset, finals = fold_at_winners(value, plan, a, fill, finals)
+        else:
+            value_taps = plan.taps(value, fill, a)
+            payload_taps = [plan.taps(f, jnp.asarray(0, f.dtype), a) for f in finals]
+            per_tap = list(zip(*payload_taps, strict=True)) if finals else [()] * len(value_taps)
+            value, offset, finals = fold(value_taps, plan.valid(value.ndim), per_tap)
         stages.append(offset)
         finals.append(offset)
     return _from_keys(value, x.dtype), stages, finals
@@ -352,8 +342,16 @@ def _axis_stage(x, plan, a):
         return argmax_stage(x, plan)
     if is_narrow(x.dtype):
         return _folded_argmax(x, a, plan)
-    value_taps = plan.taps(x, jnp.asarray(-jnp.inf, x.dtype), a)
-    value, offset, _ = _fold(value_taps, plan.valid(x.ndim), [()] * len(value_taps))
+    return _tap_winner(x, jnp.asarray(-jnp.inf, x.dtype), plan, a)
+
+
+def _tap_winner(x, fill, plan, a):
+    """The tap fold's winner along one axis (floats or order keys): value and offset."""
+    if folds_winners(plan):
+        value, offset, _ = fold_at_winners(x, plan, a, fill)
+        return value, offset
+    value_taps = plan.taps(x, fill, a)
+    value, offset, _ = fold(value_taps, plan.valid(x.ndim), [()] * len(value_taps))
     return value, offset
 
 
@@ -361,9 +359,10 @@ def _axis_stage(x, plan, a):
 def _folded_argmax(x, a, plan):
     """The tap fold of 16-bit ``x`` along one axis on its order keys, with a derivative (the
     keys' bitcasts carry none): higher orders differentiate this rule again."""
-    keys, fill = _as_keys(x)
-    value_taps = plan.taps(keys, fill, a)
-    value, offset, _ = _fold(value_taps, plan.valid(x.ndim), [()] * len(value_taps))
+    if folds_winners(plan):
+        value, offset, _ = _keyed_fold(x, plan, a)
+    else:
+        value, offset = _tap_winner(*_as_keys(x), plan=plan, a=a)
     return _from_keys(value, x.dtype), offset
 
 

@@ -7,7 +7,8 @@ Plans with ``gathered_winners`` (adaptive windows of varying lengths,
 :class:`~jaxconv._src.adaptive.StackedAdaptivePlan`) hand :mod:`jaxconv._src.select` their taps
 stacked after the axis by :meth:`window`. Their winners come from one variadic reduction over
 ``(value, offset)`` with PyTorch's tie rule as its comparator, which XLA's CPU compiler fuses with
-the gather (at 13 to 24 taps from the tap fold instead, :data:`FOLDED_WINNERS_KERNELS`); their
+the gather (at 13 to 24 taps from the tap fold instead, :data:`FOLDED_WINNERS_KERNELS`,
+whose offsets are found first and values gathered at them); their
 value alone reduces the stack only beyond ``WINDOW_VALUES_MIN_KERNEL`` taps (16-bit order keys
 beyond ``KEY_WINDOW_VALUES_MIN_KERNEL``). Their tangent gathers the winners (the plans'
 ``pick``), on the CPU over all axes at once (:mod:`jaxconv._src.flat_pick`).
@@ -30,12 +31,13 @@ def gathered(plan) -> bool:
 
 # Gathered plans of this many taps find their winners by the tap fold instead (their tangent
 # still gathers at the winners): XLA's CPU compiler does not vectorise the variadic reduction,
-# and its cost grows faster than the taps. float32 NHWC (32, S, S, 64) -> 7x7 forward plus
-# backward, interleaved processes: 90 -> 7 (13-14 taps) 39-41 against 64-68 ms, 100 -> 7
-# (15-16) 28-30 against 77-79 ms, 150 -> 7 (22-23) 51 against 160-164 ms. Fewer taps fold
-# slower (60 -> 7, 9-10 taps: 16-19 against 12-13 ms). More taps fold faster too ((8, 300,
-# 300, 16) -> 7x7, 44 taps: 13 against 38 ms), but the gradient then compiles in 1.0-2.3 s
-# against 0.1-0.2 s; at 24 taps in 0.4-0.8 s ((2, 68, 68, 4) -> 3x3, 2-D and 3-D).
+# and its cost grows faster than the taps. The fold finds the offsets alone and gathers the
+# values at them (:func:`~jaxconv._src.tap_fold.fold_at_winners`). float32 NHWC
+# (32, S, S, 64) -> 7x7 forward plus backward on a slow 2-core machine (PyTorch channels_last
+# 62 ms at 100 -> 7): 100 -> 7 (15-16 taps) 73-80 ms, 150 -> 7 (22-23) 136-149 ms; the
+# variadic reduction took 164-189 and 368-416 ms. Fewer taps fold slower (60 -> 7, 9-10 taps:
+# 14-17 against 6 ms). More taps fold faster too (200 -> 7, 30 taps: 292 against 595 ms), but
+# the gradient then compiles in 1.4 against 0.6 s there.
 FOLDED_WINNERS_KERNELS = range(13, 25)
 
 
