@@ -68,11 +68,10 @@ def winner_index(stages, plans):
 
 def _opaque(g, index):
     """``g`` written out (:func:`~jaxconv._src.tap_fold.held`), behind a select on the winners'
-    positions (never negative), so that XLA cannot
-    constant-fold the static-index gathers of a constant ``g`` (the gradient of a sum): it
-    evaluated them element by element at compile time (float32 (32, 100, 100, 64) -> 7x7,
-    ``jax.grad`` of the sum: compiled in 26 s against 1.0 s, on an idle machine; 134 s on a
-    loaded one)."""
+    positions (never negative), so that XLA cannot constant-fold the static-index gathers of a
+    constant ``g`` (the gradient of a sum): it evaluated them element by element at compile
+    time (float32 (32, 100, 100, 64) -> 7x7, ``jax.grad`` of the sum: compiled in 26 s against
+    1.0 s, on an idle machine; 134 s on a loaded one)."""
     return jnp.where(index >= 0, held(g), jnp.zeros((), g.dtype))
 
 
