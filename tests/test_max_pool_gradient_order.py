@@ -132,12 +132,18 @@ def test_one_element_winning_four_windows_sums_their_cotangents_in_window_order(
         ((1, 20, 22, 2), dict(window=(5, 5), stride=2, padding=2), None),
         ((1, 6, 8, 9, 2), dict(window=(3, 3, 3), stride=2, padding=1), None),
         ((1, 20, 22, 2), dict(window=(4, 3), stride=(3, 2), padding=(2, 1), dilation=(2, 3)), None),
+        ((1, 20, 22, 2), dict(window=(3, 3), stride=2, padding=1), None),
+        ((1, 21, 22, 2), dict(window=(2, 2)), None),
+        ((1, 6, 8, 9, 2), dict(window=(2, 2, 2)), None),
+        ((1, 20, 22, 2), dict(window=(4, 4)), None),
         ((1, 22, 22, 2), None, lambda t: F.adaptive_max_pool2d(t, 3)),  # kernel 8, stride 7
+        ((1, 8, 8, 2), None, lambda t: F.adaptive_max_pool2d(t, 3)),  # lengths 3, 4, 3
     ],
 )
 def test_negative_zero_cotangents_leave_pytorch_positive_zeros(shape, pool, torch_pool):
     """PyTorch adds the cotangents to zeros, so a ``-0.0`` cotangent leaves ``+0.0``: the same
-    bits here, where an element lies in one window only as well as in several."""
+    bits here, where an element lies in one window only as well as in several, for windows
+    that overlap, read padding, tile the input (2x2, 2x2x2, 4x4) or vary in length."""
     x = np.random.default_rng(12).standard_normal(shape).astype(np.float32)
     if pool is None:
         op = functools.partial(jaxconv.adaptive_max_pool, output_size=(3, 3))

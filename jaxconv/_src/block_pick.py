@@ -201,10 +201,10 @@ def _offset_code(rel, plans, ndim: int) -> np.ndarray:
 
 def _spread(g, *stages, plans):
     """The adjoint of :func:`_pick`: every input element sums, in the windows' row-major order,
-    the cotangents of the windows that hold it and chose it, as PyTorch adds them to zeros (a
-    ``-0.0`` cotangent adds as ``+0.0``)."""
+    the cotangents of the windows that hold it and chose it, as PyTorch adds them to zeros
+    (its caller, :func:`~jaxconv._src.select.pick_at_winners`, turns ``-0.0`` cotangents into
+    ``+0.0`` first)."""
     code = _code(stages, plans)
-    g = jnp.where(g == 0, jnp.zeros((), g.dtype), g)
     padded = _padded(g, plans, 0), _padded(code, plans, -1)
     total = _pieces(*padded, plans, _axis_runs(plans))
     shape = list(total.shape)

@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from jaxconv._src.boxmap import box_map
+from jaxconv._src.linear import unsigned_zero_cotangent
 from jaxconv._src.order import is_nan
 from jaxconv._src.window import AxisPlan, tap_position
 
@@ -211,6 +212,12 @@ def _phases(u, plans, block_axis):
 
 def joint_pick(t, plans, offset):
     """The tangent tap chosen by the flat ``offset`` in every window; linear in ``t``."""
+    return unsigned_zero_cotangent(_overlapping_pick(t, plans, offset))
+
+
+def _overlapping_pick(t, plans, offset):
+    """:func:`joint_pick` of windows that overlap or read padding: a select per tap of the
+    unit slices at its block shift and phase, summed."""
     u, geometry = _split_axes(t, plans)
     block_axis = {p.axis: p.axis + i for i, p in enumerate(plans)}
     phases = _phases(u, plans, block_axis) if _split_pays(plans) else None

@@ -70,3 +70,22 @@ def adjoint_pair(forward: Primitive, adjoint: Primitive) -> None:
     """Make ``forward`` and ``adjoint`` (same params and data) each the other's transpose."""
     ad.primitive_transposes[forward] = functools.partial(_transpose, adjoint)
     ad.primitive_transposes[adjoint] = functools.partial(_transpose, forward)
+
+
+def unsigned_zeros(x):
+    """``x`` with ``-0.0`` turned into ``+0.0``."""
+    return jax.numpy.where(x == 0, jax.numpy.zeros((), x.dtype), x)
+
+
+_keep_p = linear_primitive("jaxconv_keep", lambda x: x, lambda shape: shape, lambda params: params)
+adjoint_pair(
+    _keep_p,
+    linear_primitive("jaxconv_unsigned_zeros", unsigned_zeros, lambda s: s, lambda p: p),
+)
+
+
+def unsigned_zero_cotangent(t):
+    """``t`` itself, whose cotangent turns ``-0.0`` into ``+0.0``: PyTorch's backward adds
+    cotangents to zeros, so its gradients never carry a ``-0.0`` that a pick's transpose (a
+    select of the cotangent) would pass on."""
+    return _keep_p.bind(t)

@@ -74,6 +74,7 @@ from jaxconv._src.batching import all_over_batch
 from jaxconv._src.block_pick import block_pick, block_pickable
 from jaxconv._src.flat_pick import flat_pick, flat_pickable
 from jaxconv._src.joint import joint_max, joint_pick, joint_winners, use_joint
+from jaxconv._src.linear import unsigned_zero_cotangent
 from jaxconv._src.order import (
     bits_key,
     from_key,
@@ -209,8 +210,9 @@ def pick_at_winners(t, aux, plans, stages):
     elif block_pickable(plans):
         cpu = functools.partial(block_pick, plans=plans)
     else:
-        return per_axis(t, *stages)
-    return lax.platform_dependent(t, *stages, cpu=cpu, default=per_axis)
+        return unsigned_zero_cotangent(per_axis(t, *stages))
+    picked = lax.platform_dependent(t, *stages, cpu=cpu, default=per_axis)
+    return unsigned_zero_cotangent(picked)
 
 
 def _axis_picks(t, *stages, aux, plans):
